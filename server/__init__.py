@@ -1,0 +1,3 @@
+"""MTA (Merge-then-Adapt) personalization inference server."""
+
+__version__ = "0.1.0"

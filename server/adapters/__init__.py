@@ -1,0 +1,43 @@
+"""LoRA adapter math (fuse, stack, fold scalings) and PEFT adapter I/O."""
+
+from __future__ import annotations
+
+from .math import (
+    FUSERS,
+    FusionError,
+    LoraWeights,
+    check_fusion_plan,
+    fold_scaling,
+    fuse,
+    fuse_cat,
+    fuse_linear,
+    get_scaling,
+    stack,
+)
+from .peft_io import (
+    AdapterFormatError,
+    adapter_from_bytes,
+    adapter_to_bytes,
+    load_adapter,
+    lora_from_peft_model,
+    save_adapter,
+)
+
+__all__ = [
+    "FUSERS",
+    "AdapterFormatError",
+    "FusionError",
+    "LoraWeights",
+    "adapter_from_bytes",
+    "adapter_to_bytes",
+    "check_fusion_plan",
+    "fold_scaling",
+    "fuse",
+    "fuse_cat",
+    "fuse_linear",
+    "get_scaling",
+    "load_adapter",
+    "lora_from_peft_model",
+    "save_adapter",
+    "stack",
+]

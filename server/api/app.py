@@ -1,0 +1,89 @@
+"""The FastAPI app: resources created in the lifespan, thin routers, one error envelope."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+
+from server.adapter_cache import AdapterCache
+from server.api.deps import Services
+from server.api.errors import error_response, install_error_handlers
+from server.api.routes import admin, generate, health, openai_compat, users
+from server.bank.registry import BankRegistry
+from server.defaults import resolve_bank_path, resolve_model
+from server.engine import Engine
+from server.generation import Generator
+from server.metrics import Metrics
+from server.personalize import Personalizer
+from server.settings import Settings
+from server.store import open_store
+
+log = logging.getLogger(__name__)
+
+
+async def build_services(settings: Settings) -> Services:
+    """Everything the routes need, in dependency order; the engine last (slowest)."""
+    from transformers import AutoTokenizer
+
+    model_path, model_id = resolve_model(settings)
+    model_config = json.loads((model_path / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    metrics = Metrics()
+    store = open_store(settings.resolved_store_url)
+    await store.ping()
+    banks = BankRegistry(settings, model_id, model_config)
+    _, served = await banks.load(resolve_bank_path(settings, model_path, model_id))
+    metrics.set_bank(served.version)
+    cache = AdapterCache(settings.adapter_cache_dir, settings.adapter_cache_size)
+    engine = Engine(settings, model_path, model_id)
+    engine.start()
+    personalizer = Personalizer(settings, store, banks, cache, metrics)
+    generator = Generator(settings, engine, personalizer, tokenizer, metrics)
+    return Services(settings, store, banks, cache, engine, personalizer, generator, metrics)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = await build_services(settings)
+        app.state.services = services
+        log.info("ready: model %s, bank %s", services.engine.model_id, services.banks.current.version)
+        try:
+            yield
+        finally:
+            services.engine.shutdown()
+            await services.store.close()
+
+    app = FastAPI(
+        title="MTA personalization server",
+        version="0.1.0",
+        description="Merge-then-Adapt: per-user fused meta-LoRAs served by vLLM multi-LoRA.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def limits_and_metrics(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_request_bytes):
+            return error_response(413, "payload_too_large", f"request body over {settings.max_request_bytes} bytes")
+        start = time.perf_counter()
+        response = await call_next(request)
+        services: Services | None = getattr(request.app.state, "services", None)
+        if services is not None:
+            route = request.scope.get("route")
+            name = getattr(route, "path", "unmatched")
+            services.metrics.requests.labels(route=name, status=str(response.status_code)).inc()
+            services.metrics.latency.labels(route=name).observe(time.perf_counter() - start)
+        return response
+
+    for module in (generate, openai_compat, users, admin, health):
+        app.include_router(module.router)
+    return app

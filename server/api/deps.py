@@ -1,0 +1,53 @@
+"""Typed dependencies: resources live on `app.state.services`, created in the lifespan."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from server.adapter_cache import AdapterCache
+from server.bank.registry import BankRegistry
+from server.engine import Engine
+from server.errors import Forbidden, Unauthorized
+from server.generation import Generator
+from server.metrics import Metrics
+from server.personalize import Personalizer
+from server.settings import Settings
+from server.store import UserStore
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: UserStore
+    banks: BankRegistry
+    cache: AdapterCache
+    engine: Engine
+    personalizer: Personalizer
+    generator: Generator
+    metrics: Metrics
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def require_admin(request: Request, services: ServicesDep) -> None:
+    """Bearer admin token, compared in constant time; no token configured = admin disabled."""
+    token = services.settings.admin_token
+    if token is None:
+        raise Forbidden("admin endpoints are disabled: set MTA_ADMIN_TOKEN")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise Unauthorized("missing bearer token (Authorization: Bearer <MTA_ADMIN_TOKEN>)")
+    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise Forbidden("wrong admin token")
+
+
+AdminDep = Depends(require_admin)

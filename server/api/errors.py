@@ -1,0 +1,63 @@
+"""One error envelope, `{"error": {"type", "message"}}`, and one place mapping exceptions to statuses."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.adapters import FusionError
+from server.bank.loader import BankError
+from server.errors import MTAError
+from server.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+# Typed exceptions from below the service layer -> (status, type).
+_STATUS: dict[type[Exception], tuple[int, str]] = {
+    StoreUnavailable: (503, "store_unavailable"),
+    BankError: (422, "invalid_bank"),
+    FusionError: (422, "fusion_error"),
+}
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": {"type": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(MTAError)
+    async def _mta(_: Request, exc: MTAError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, "invalid_request", _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, "http_error", str(exc.detail))
+
+    for exc_type, (status, code) in _STATUS.items():
+
+        async def _typed(_: Request, exc: Exception, status: int = status, code: str = code) -> JSONResponse:
+            return error_response(status, code, str(exc))
+
+        app.add_exception_handler(exc_type, _typed)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", f"internal error: {type(exc).__name__}")

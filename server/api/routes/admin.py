@@ -1,0 +1,52 @@
+"""Bank administration behind the bearer admin token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+
+from server.api.deps import AdminDep, ServicesDep
+from server.api.schemas import ReloadRequest
+from server.bank.loader import BankError
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+
+
+@router.get("/bank")
+async def get_bank(services: ServicesDep) -> dict:
+    served = services.banks.current
+    cache = services.cache
+    return {
+        **served.bank.summary(),
+        "top_k": served.top_k,
+        "fusion_mode": served.mode,
+        "adapter_cache": {
+            "entries": len(cache),
+            "capacity": cache.capacity,
+            "hits": cache.stats.hits,
+            "misses": cache.stats.misses,
+            "evictions": cache.stats.evictions,
+        },
+    }
+
+
+@router.post("/bank/reload")
+async def reload_bank(services: ServicesDep, body: ReloadRequest | None = None) -> dict:
+    """Load a bank beside the current one and swap; a broken bank is refused and the old one keeps serving."""
+    path = Path(body.path) if body and body.path else services.banks.current.bank.path
+    try:
+        old, new = await services.banks.load(path)
+    except BankError:
+        services.metrics.bank_reloads.labels(result="refused").inc()
+        raise
+    dropped = services.personalizer.on_bank_swap(old)
+    services.metrics.set_bank(new.version)
+    services.metrics.bank_reloads.labels(result="ok").inc()
+    return {
+        "previous_version": old.version if old else None,
+        "bank_version": new.version,
+        "path": str(new.bank.path),
+        "anchors": len(new.bank.manifest.anchors),
+        "invalidated_adapters": dropped,
+    }

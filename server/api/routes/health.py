@@ -1,0 +1,38 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+
+from server.api.deps import ServicesDep
+from server.api.errors import error_response
+from server.store import StoreUnavailable
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(services: ServicesDep):
+    """Ready only when the engine runs, a bank is loaded and the store answers."""
+    problems = []
+    if not services.engine.ready:
+        problems.append("engine not running")
+    if not services.banks.loaded:
+        problems.append("no bank loaded")
+    try:
+        await services.store.ping()
+    except StoreUnavailable as e:
+        problems.append(str(e))
+    if problems:
+        return error_response(503, "not_ready", "; ".join(problems))
+    return {"status": "ready", "bank_version": services.banks.current.version, "model": services.engine.model_id}
+
+
+@router.get("/metrics")
+async def metrics(services: ServicesDep) -> Response:
+    return Response(services.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,173 @@
+"""Request and response models; requests convert themselves into service inputs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from server.generation import GenerationInput
+
+USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,127}$"
+UserId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN)]
+ItemValue = str | int | float | bool | None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send name/tool fields we do not use
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+def _stop_list(v: str | list[str] | None) -> list[str]:
+    if v is None:
+        return []
+    return [v] if isinstance(v, str) else v
+
+
+class SamplingFields(BaseModel):
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[Annotated[str, StringConstraints(min_length=1)]] | None = Field(None, max_length=8)
+    seed: int | None = None
+    stream: bool = False
+
+
+class GenerateRequest(SamplingFields, _Strict):
+    user_id: UserId
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    chat_template: bool = Field(True, description="Wrap `prompt` in the model's chat template.")
+    use_profile: bool | None = Field(None, description="Put the user's BM25 top-1 history item in the prompt.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` or `messages`")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ValueError("prompt must not be empty")
+        return self
+
+    def to_input(self) -> GenerationInput:
+        return GenerationInput(
+            user_id=self.user_id,
+            prompt=self.prompt,
+            messages=[m.model_dump() for m in self.messages] if self.messages else None,
+            chat_template=self.chat_template,
+            use_profile=self.use_profile,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=_stop_list(self.stop),
+            seed=self.seed,
+        )
+
+
+class AnchorWeight(BaseModel):
+    id: str
+    weight: float
+
+
+class AdapterInfo(BaseModel):
+    lora_int_id: int
+    rank: int
+    cache_hit: bool
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    user_id: str
+    personalized: bool
+    anchors: list[AnchorWeight]
+    bank_version: str
+    fusion_mode: str | None
+    stacked: bool
+    adapter: AdapterInfo | None
+    usage: Usage
+
+
+class ProfileRequest(_Strict):
+    items: list[dict[str, ItemValue]] = Field(
+        description="History items as they are, e.g. LaMP {description, tag} or {text, title}."
+    )
+
+
+class UserView(BaseModel):
+    user_id: str
+    profile_items: int
+    profile_version: int
+    updated_at: float
+    bank_version: str
+    fusion_mode: str
+    anchors: list[dict[str, Any]] = Field(description="Nearest anchors: id, similarity, fusion weight.")
+
+
+class ReloadRequest(_Strict):
+    path: str | None = Field(None, description="Bank directory; unset = reload the configured bank path.")
+
+
+# --- OpenAI-compatible --------------------------------------------------------------------
+
+
+class _OpenAIBase(SamplingFields):
+    # Unknown OpenAI fields (logprobs, presence_penalty, ...) are accepted and ignored, as
+    # vLLM's own server does, so unmodified clients work.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    user: UserId | None = Field(None, description="Selects the user whose adapter serves the request.")
+    n: int = Field(1, ge=1, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def _input(self, **kw: Any) -> GenerationInput:
+        return GenerationInput(
+            user_id=self.user,
+            max_tokens=self.max_completion_tokens or self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=_stop_list(self.stop),
+            seed=self.seed,
+            **kw,
+        )
+
+
+class CompletionRequest(_OpenAIBase):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default
+
+    @field_validator("prompt")
+    @classmethod
+    def _single_prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("exactly one prompt per request is supported")
+        text = v if isinstance(v, str) else v[0]
+        if not text.strip():
+            raise ValueError("prompt must not be empty")
+        return v
+
+    def to_input(self) -> GenerationInput:
+        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        return self._input(prompt=prompt, chat_template=False)
+
+
+class ChatCompletionRequest(_OpenAIBase):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    def to_input(self) -> GenerationInput:
+        return self._input(messages=[m.model_dump() for m in self.messages])

@@ -1,0 +1,190 @@
+"""Load a bank directory and validate all of it before it serves a single request."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from server.adapters import AdapterFormatError, LoraWeights, load_adapter
+from server.bank.index import AnchorIndex
+from server.bank.manifest import MANIFEST_FILE, BankManifest
+
+
+class BankError(ValueError):
+    """A bank that cannot be served; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class Bank:
+    path: Path
+    manifest: BankManifest
+    loras: dict[str, LoraWeights]  # anchor id -> meta-LoRA (scaling not folded)
+    index: AnchorIndex
+
+    @property
+    def version(self) -> str:
+        return self.manifest.bank_version
+
+    def summary(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "bank_version": m.bank_version,
+            "name": m.name,
+            "description": m.description,
+            "random": m.random,
+            "path": str(self.path),
+            "base_model": m.base_model,
+            "embedding_model": m.embedding_model.model_dump(),
+            "fusion": m.fusion.model_dump(),
+            "task": m.task.model_dump(),
+            "anchors": [a.model_dump(include={"id", "cluster_size", "rank"}) for a in m.anchors],
+        }
+
+
+_LAYER_MODULE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
+
+
+def module_shapes(model_config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each LoRA-able linear module of a Llama/Qwen2-style decoder layer."""
+    hidden = model_config["hidden_size"]
+    heads = model_config["num_attention_heads"]
+    kv_heads = model_config.get("num_key_value_heads") or heads
+    head_dim = model_config.get("head_dim") or hidden // heads
+    inter = model_config["intermediate_size"]
+    return {
+        "q_proj": (hidden, heads * head_dim),
+        "k_proj": (hidden, kv_heads * head_dim),
+        "v_proj": (hidden, kv_heads * head_dim),
+        "o_proj": (heads * head_dim, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+
+
+def _check_lora_shapes(anchor_id: str, lora: LoraWeights, model_config: dict[str, Any]) -> list[str]:
+    shapes = module_shapes(model_config)
+    n_layers = model_config["num_hidden_layers"]
+    problems = []
+    for name in lora.modules:
+        m = _LAYER_MODULE.match(name)
+        if not m or m.group(3) not in shapes:
+            problems.append(f"anchor {anchor_id}: module {name} is not a LoRA target of this model")
+            continue
+        if int(m.group(1)) >= n_layers:
+            problems.append(f"anchor {anchor_id}: {name} names layer {m.group(1)}, the model has {n_layers}")
+            continue
+        fan_in, fan_out = shapes[m.group(3)]
+        a, b = lora.a[name], lora.b[name]
+        if a.shape[1] != fan_in or b.shape[0] != fan_out:
+            problems.append(
+                f"anchor {anchor_id}: {name} maps {a.shape[1]}->{b.shape[0]}, the model's maps {fan_in}->{fan_out}"
+            )
+    return problems
+
+
+def read_manifest(path: Path) -> BankManifest:
+    file = path / MANIFEST_FILE
+    if not path.is_dir():
+        raise BankError(f"bank {path}: not a directory")
+    if not file.is_file():
+        raise BankError(f"bank {path}: missing {MANIFEST_FILE}")
+    try:
+        return BankManifest.model_validate(json.loads(file.read_text()))
+    except json.JSONDecodeError as e:
+        raise BankError(f"bank {path}: {MANIFEST_FILE} is not valid JSON: {e}") from e
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'manifest'}: {err['msg']}" for err in e.errors())
+        raise BankError(f"bank {path}: invalid {MANIFEST_FILE}: {problems}") from e
+
+
+def load_bank(
+    path: Path,
+    *,
+    model_id: str,
+    model_config: dict[str, Any],
+    embedding_dim: int,
+    max_lora_rank: int,
+    fusion_mode: str | None = None,
+    top_k: int | None = None,
+) -> Bank:
+    """Read and validate a bank for the served model; raise BankError naming every problem.
+
+    `fusion_mode`/`top_k` are the server's overrides of the bank defaults: the ranks must fit
+    vLLM's `max_lora_rank` after fusion (cat adds ranks, linear keeps one) plus no stacking.
+    """
+    path = Path(path).resolve()
+    manifest = read_manifest(path)
+    problems: list[str] = []
+
+    if manifest.base_model != model_id:
+        problems.append(f"bank was built for base model {manifest.base_model!r}, the server serves {model_id!r}")
+    if manifest.embedding_model.dim != embedding_dim:
+        problems.append(
+            f"manifest embedding dim {manifest.embedding_model.dim} != embedding model output dim {embedding_dim}"
+        )
+
+    emb_file = path / manifest.embeddings_file
+    embeddings = None
+    if not emb_file.is_file():
+        problems.append(f"missing anchor embeddings file {manifest.embeddings_file}")
+    else:
+        try:
+            embeddings = np.load(emb_file, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            problems.append(f"cannot read {manifest.embeddings_file}: {e}")
+        if embeddings is not None:
+            expected = (len(manifest.anchors), manifest.embedding_model.dim)
+            if embeddings.shape != expected:
+                problems.append(f"{manifest.embeddings_file} has shape {embeddings.shape}, expected {expected}")
+            elif not np.isfinite(embeddings).all() or (np.linalg.norm(embeddings, axis=1) == 0).any():
+                problems.append(f"{manifest.embeddings_file} has non-finite or all-zero rows")
+
+    loras: dict[str, LoraWeights] = {}
+    for spec in manifest.anchors:
+        try:
+            lora = load_adapter(path / spec.lora_path)
+        except (AdapterFormatError, OSError) as e:
+            problems.append(f"anchor {spec.id}: {e}")
+            continue
+        if lora.rank != spec.rank:
+            problems.append(f"anchor {spec.id}: adapter rank {lora.rank} != manifest rank {spec.rank}")
+        if sorted(lora.target_modules) != sorted(spec.target_modules):
+            problems.append(
+                f"anchor {spec.id}: adapter targets {lora.target_modules} != manifest {sorted(spec.target_modules)}"
+            )
+        problems += _check_lora_shapes(spec.id, lora, model_config)
+        loras[spec.id] = lora
+
+    mode = fusion_mode or manifest.fusion.mode
+    k = min(top_k or manifest.fusion.top_k, len(manifest.anchors))
+    ranks = sorted(a.rank for a in manifest.anchors)
+    if mode == "linear":
+        if len(set(ranks)) > 1:
+            problems.append(f"linear fusion needs one rank for all anchors, the bank has ranks {sorted(set(ranks))}")
+        if len({tuple(sorted(a.target_modules)) for a in manifest.anchors}) > 1:
+            problems.append("linear fusion needs the same target modules for all anchors")
+        fused_rank = ranks[-1]
+    else:
+        fused_rank = sum(ranks[-k:])
+    if fused_rank > max_lora_rank:
+        problems.append(
+            f"{mode} fusion of top-{k} anchors gives rank {fused_rank} > max_lora_rank {max_lora_rank}"
+            " (raise MTA_MAX_LORA_RANK or lower MTA_TOP_K)"
+        )
+
+    if problems:
+        raise BankError(f"bank {path} refused: " + "; ".join(problems))
+    assert embeddings is not None
+    return Bank(
+        path=path,
+        manifest=manifest,
+        loras=loras,
+        index=AnchorIndex([a.id for a in manifest.anchors], embeddings),
+    )

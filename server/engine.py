@@ -1,0 +1,106 @@
+"""The vLLM engine: AsyncLLM embedded in the API process, one LoRARequest per request."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from server.errors import Unavailable
+
+if TYPE_CHECKING:
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class EngineStartError(RuntimeError):
+    """The engine could not start; the server exits with this message."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One step of a generation: new text and ids since the previous step (or all, when not streaming)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+
+
+class Engine:
+    def __init__(self, settings: Settings, model_path: Path, model_id: str) -> None:
+        self.settings = settings
+        self.model_path = model_path
+        self.model_id = model_id
+        self._llm = None
+
+    def start(self) -> None:
+        """Start vLLM (its engine core runs in a subprocess); raise EngineStartError with the reason."""
+        s = self.settings
+        if s.device == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(s.cpu_kvcache_space_gb))
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            args = AsyncEngineArgs(
+                model=str(self.model_path),
+                served_model_name=self.model_id,
+                dtype=s.dtype,
+                seed=s.engine_seed,
+                max_model_len=s.max_model_len,
+                max_num_seqs=s.max_num_seqs,
+                enable_lora=True,
+                max_loras=s.max_loras,
+                max_lora_rank=s.max_lora_rank,
+                max_cpu_loras=s.resolved_max_cpu_loras,
+                gpu_memory_utilization=s.gpu_memory_utilization,
+                disable_log_stats=True,
+            )
+            self._llm = AsyncLLM.from_engine_args(args)
+        except Exception as e:  # noqa: BLE001 - any failure here means "cannot serve"
+            raise EngineStartError(f"vLLM engine failed to start for model {self.model_path}: {e!r}") from e
+
+    @property
+    def ready(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        lora: LoRARequest | None,
+    ) -> AsyncIterator[Completion]:
+        """Yield completions; with `params.output_kind == DELTA` each carries only the new part."""
+        if not self.ready:
+            raise Unavailable("the generation engine is not running")
+        from vllm.inputs import TokensPrompt
+
+        assert self._llm is not None
+        async for out in self._llm.generate(
+            TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=lora
+        ):
+            choice = out.outputs[0]
+            yield Completion(
+                text=choice.text,
+                token_ids=list(choice.token_ids),
+                finish_reason=choice.finish_reason,
+                prompt_tokens=len(out.prompt_token_ids or prompt_ids),
+            )
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None

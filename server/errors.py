@@ -1,0 +1,39 @@
+"""Typed errors the services raise; server.api.errors maps them to HTTP responses."""
+
+from __future__ import annotations
+
+
+class MTAError(Exception):
+    """Base class: `status` is the HTTP status, `code` the machine-readable error type."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(MTAError):
+    status = 422
+    code = "invalid_request"
+
+
+class NotFound(MTAError):
+    status = 404
+    code = "not_found"
+
+
+class Unauthorized(MTAError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(MTAError):
+    status = 403
+    code = "forbidden"
+
+
+class Unavailable(MTAError):
+    status = 503
+    code = "unavailable"

@@ -1,0 +1,148 @@
+"""Generation for a user: prompt building, the user's adapter, and the engine, for every API flavour."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.engine import Completion, Engine
+from server.errors import InvalidInput
+from server.metrics import Metrics
+from server.personalize import AdapterLease, Personalizer, UserContext
+from server.prompts import chat_prompt, personalize_messages, retrieve_top1, user_content
+from server.settings import Settings
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """What every endpoint asks for, after its own parsing: exactly one of prompt / messages."""
+
+    user_id: str | None
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    chat_template: bool = True  # apply the model's chat template to `prompt`
+    use_profile: bool | None = None  # BM25 top-1 history item in the prompt; None = settings
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    ctx: UserContext
+    lease: AdapterLease | None
+    prompt_tokens: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def personalization(self) -> dict[str, Any]:
+        """The fields every response carries about how it was personalized."""
+        plan = self.ctx.plan
+        return {
+            "user_id": self.ctx.user_id,
+            "personalized": plan is not None,
+            "anchors": [{"id": a, "weight": w} for a, w in plan.anchors] if plan else [],
+            "bank_version": self.ctx.served.version,
+            "fusion_mode": plan.mode if plan else None,
+            "stacked": False,
+            "adapter": (
+                {"lora_int_id": self.lease.lora_int_id, "rank": self.lease.rank, "cache_hit": self.lease.cache_hit}
+                if self.lease
+                else None
+            ),
+        }
+
+    def usage(self) -> dict[str, int]:
+        done = len(self.token_ids)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done, "total_tokens": self.prompt_tokens + done}
+
+
+class Generator:
+    def __init__(
+        self, settings: Settings, engine: Engine, personalizer: Personalizer, tokenizer: Any, metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.personalizer = personalizer
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+
+    def _prompt_ids(self, inp: GenerationInput, ctx: UserContext) -> list[int]:
+        use_profile = self.settings.profile_context if inp.use_profile is None else inp.use_profile
+        history = ctx.history if use_profile else []
+        if inp.messages is not None:
+            return chat_prompt(self.tokenizer, personalize_messages(inp.messages, history))
+        assert inp.prompt is not None
+        content = user_content(inp.prompt, retrieve_top1(history, inp.prompt)) if history else inp.prompt
+        if inp.chat_template and getattr(self.tokenizer, "chat_template", None):
+            return chat_prompt(self.tokenizer, [{"role": "user", "content": content}])
+        return list(self.tokenizer(content, add_special_tokens=True)["input_ids"])
+
+    def _check_limits(self, inp: GenerationInput) -> int:
+        s = self.settings
+        chars = len(inp.prompt or "") + sum(len(m.get("content") or "") for m in inp.messages or [])
+        if chars > s.max_prompt_chars:
+            raise InvalidInput(f"prompt has {chars} characters > max_prompt_chars {s.max_prompt_chars}")
+        max_tokens = inp.max_tokens or s.default_max_tokens
+        if max_tokens > s.max_tokens:
+            raise InvalidInput(f"max_tokens {max_tokens} > the server's limit {s.max_tokens}")
+        return max_tokens
+
+    def _sampling_params(self, inp: GenerationInput, max_tokens: int, stream: bool) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=inp.temperature,
+            top_p=inp.top_p if inp.temperature > 0 else 1.0,
+            stop=inp.stop or None,
+            seed=inp.seed,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def stream(self, inp: GenerationInput, *, stream: bool = True) -> AsyncIterator[tuple[GenerationResult, Completion | None]]:
+        """Yield (result so far, delta) per engine step, then (final result, None).
+
+        The user's adapter lease is held for the life of this generator, so a bank reload or a
+        cache eviction never deletes an adapter that a running request still needs.
+        """
+        max_tokens = self._check_limits(inp)
+        if inp.user_id is None:
+            ctx = UserContext(None, self.personalizer.banks.current, None, None, [])  # type: ignore[arg-type]
+        else:
+            ctx = await self.personalizer.context(inp.user_id)
+        prompt_ids = self._prompt_ids(inp, ctx)
+        if len(prompt_ids) + max_tokens > self.settings.max_model_len:
+            raise InvalidInput(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds max_model_len"
+                f" {self.settings.max_model_len}"
+            )
+        params = self._sampling_params(inp, max_tokens, stream)
+        async with self.personalizer.adapter(ctx) as lease:
+            from vllm.lora.request import LoRARequest
+
+            lora = LoRARequest(f"mta-{lease.lora_int_id}", lease.lora_int_id, lease.path) if lease else None
+            result = GenerationResult(f"gen-{uuid.uuid4().hex}", ctx, lease, len(prompt_ids))
+            async for delta in self.engine.generate(prompt_ids, params, result.request_id, lora):
+                result.text += delta.text
+                result.token_ids += delta.token_ids
+                result.finish_reason = delta.finish_reason
+                yield result, delta
+        self.metrics.generated_tokens.labels(personalized=str(ctx.personalized).lower()).inc(len(result.token_ids))
+        yield result, None
+
+    async def generate(self, inp: GenerationInput) -> GenerationResult:
+        result = None
+        async for result, _ in self.stream(inp, stream=False):
+            pass
+        assert result is not None
+        return result

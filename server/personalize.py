@@ -1,0 +1,139 @@
+"""Per-user personalization: profiles and embeddings in the store, fused adapters in the cache."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from server.adapter_cache import AdapterCache
+from server.bank.registry import BankRegistry, ServedBank
+from server.errors import InvalidInput, NotFound
+from server.fusion import FusionPlan, materialize, plan_fusion
+from server.metrics import Metrics
+from server.settings import Settings
+from server.store import UserRecord, UserStore
+
+
+@dataclass(frozen=True)
+class UserContext:
+    """One request's snapshot: the bank it uses to the end, the user's plan and history texts."""
+
+    user_id: str
+    served: ServedBank
+    record: UserRecord | None
+    plan: FusionPlan | None
+    history: list[str]
+
+    @property
+    def personalized(self) -> bool:
+        return self.plan is not None
+
+
+@dataclass(frozen=True)
+class AdapterLease:
+    lora_int_id: int
+    path: str
+    rank: int
+    cache_hit: bool
+
+
+class Personalizer:
+    def __init__(
+        self, settings: Settings, store: UserStore, banks: BankRegistry, cache: AdapterCache, metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.banks = banks
+        self.cache = cache
+        self.metrics = metrics
+        self._ranks: dict[int, int] = {}  # lora_int_id -> rank, for responses
+
+    def _validate_items(self, items: list[dict[str, Any]]) -> None:
+        s = self.settings
+        if not items:
+            raise InvalidInput("items must contain at least one history item")
+        if len(items) > s.max_profile_items:
+            raise InvalidInput(f"too many items: {len(items)} > max_profile_items {s.max_profile_items}")
+        for i, item in enumerate(items):
+            texts = [str(v) for k, v in item.items() if k != "id" and v is not None and str(v).strip()]
+            if not texts:
+                raise InvalidInput(f"items[{i}] has no non-empty text field")
+            size = sum(len(str(k)) + len(str(v)) for k, v in item.items())
+            if size > s.max_item_chars:
+                raise InvalidInput(f"items[{i}] has {size} characters > max_item_chars {s.max_item_chars}")
+
+    def _plan(self, served: ServedBank, record: UserRecord) -> FusionPlan:
+        assert record.embedding is not None
+        return plan_fusion(
+            served.bank,
+            record.embedding,
+            bank_uid=served.uid,
+            top_k=served.top_k,
+            mode=served.mode,
+            temperature=self.settings.weight_temperature,
+            round_step=self.settings.weight_round_step,
+        )
+
+    async def put_profile(self, user_id: str, items: list[dict[str, Any]]) -> UserContext:
+        self._validate_items(items)
+        served = self.banks.current
+        history = [served.render(i) for i in items]
+        embedding = await asyncio.to_thread(served.embedder.embed_user, history)
+        record = await self.store.put_profile(user_id, items, embedding, served.embedding_model)
+        return UserContext(user_id, served, record, self._plan(served, record), history)
+
+    async def context(self, user_id: str) -> UserContext:
+        """The user's fusion plan on the current bank; re-embeds a profile from another embedding model."""
+        served = self.banks.current
+        record = await self.store.get_user(user_id)
+        if record is None:
+            if self.settings.unknown_user == "404":
+                raise NotFound(f"user {user_id!r} has no profile (PUT /users/{user_id}/profile first)")
+            return UserContext(user_id, served, None, None, [])
+        history = [served.render(i) for i in record.items]
+        if record.embedding is None or record.embedding_model != served.embedding_model:
+            embedding = await asyncio.to_thread(served.embedder.embed_user, history)
+            await self.store.set_embedding(user_id, embedding, served.embedding_model, record.profile_version)
+            record = UserRecord(**{**record.__dict__, "embedding": embedding, "embedding_model": served.embedding_model})
+        return UserContext(user_id, served, record, self._plan(served, record), history)
+
+    @asynccontextmanager
+    async def adapter(self, ctx: UserContext) -> AsyncIterator[AdapterLease | None]:
+        """The user's materialized adapter, held until the request ends (None: base model)."""
+        if ctx.plan is None:
+            yield None
+            return
+        plan, bank = ctx.plan, ctx.served.bank
+        max_rank = self.settings.max_lora_rank
+        rank_holder: list[int] = []
+
+        async def build(path: Any) -> None:
+            start = time.perf_counter()
+            rank_holder.append(await asyncio.to_thread(materialize, bank, plan, path, max_rank))
+            self.metrics.fusion_seconds.observe(time.perf_counter() - start)
+
+        async with self.cache.lease(plan.key(), build) as (entry, hit):
+            (self.metrics.cache_hits if hit else self.metrics.cache_misses).inc()
+            if rank_holder:
+                self._ranks[entry.lora_int_id] = rank_holder[0]
+            yield AdapterLease(entry.lora_int_id, str(entry.path), self._ranks.get(entry.lora_int_id, 0), hit)
+
+    async def delete_user(self, user_id: str) -> None:
+        """Remove the user and any adapter cached for the user's current plan."""
+        record = await self.store.get_user(user_id)
+        if record is None:
+            raise NotFound(f"user {user_id!r} not found")
+        if record.embedding is not None and self.banks.loaded:
+            key = self._plan(self.banks.current, record).key()
+            self.cache.invalidate(lambda k: k == key)
+        await self.store.delete_user(user_id)
+
+    def on_bank_swap(self, old: ServedBank | None) -> int:
+        """Adapters of the old bank can never be requested again: drop them (in-flight ones finish)."""
+        if old is None:
+            return 0
+        return self.cache.invalidate(lambda k: k.bank == old.uid)

@@ -1,0 +1,270 @@
+"""Embedded user store: one SQLite file in WAL mode, the default backend.
+
+One connection guarded by a `threading.Lock`; every call runs in a worker thread
+(`asyncio.to_thread`) so the event loop never blocks on disk, and the lock makes
+concurrent async callers safe. Multi-row changes run in `BEGIN IMMEDIATE` transactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from .base import (
+    StoreError,
+    StoreUnavailable,
+    UserNotFound,
+    UserRecord,
+    check_blob_data,
+    check_blob_name,
+    check_user_id,
+    decode_record,
+    encode_embedding,
+    encode_profile,
+)
+
+T = TypeVar("T")
+
+# `PRAGMA user_version` = number of migrations applied; append, never edit.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE users (
+            user_id TEXT PRIMARY KEY,
+            items TEXT NOT NULL,
+            embedding BLOB,
+            embedding_model TEXT,
+            profile_version INTEGER NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        # AUTOINCREMENT never reuses a rowid, and REPLACE gives the row a new one: the
+        # rowid is the blob's version, unique store-wide even after deletes.
+        """CREATE TABLE blobs (
+            version INTEGER PRIMARY KEY AUTOINCREMENT,
+            user_id TEXT NOT NULL REFERENCES users (user_id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            data BLOB NOT NULL,
+            UNIQUE (user_id, name)
+        )""",
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+# Primary result codes meaning "cannot serve right now" (busy, disk, permissions),
+# as opposed to bugs or corruption.
+_UNAVAILABLE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+
+_USER_COLUMNS = "user_id, items, embedding, embedding_model, profile_version, updated_at"
+
+
+class SQLiteUserStore:
+    """`UserStore` in a local SQLite file; survives restarts, one process at a time is best."""
+
+    def __init__(self, path: str | Path, *, busy_timeout: float = 5.0) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        with self._errors():
+            self._conn: sqlite3.Connection | None = _open(self.path, busy_timeout)
+
+    def __repr__(self) -> str:
+        return f"SQLiteUserStore({str(self.path)!r})"
+
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        check_user_id(user_id)
+
+        def read(conn: sqlite3.Connection) -> UserRecord | None:
+            row = conn.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE user_id = ?", (user_id,)).fetchone()
+            return decode_record(*row) if row else None
+
+        return await self._run(read)
+
+    async def put_profile(
+        self,
+        user_id: str,
+        items: list[dict[str, Any]],
+        embedding: np.ndarray | None,
+        embedding_model: str | None,
+    ) -> UserRecord:
+        check_user_id(user_id)
+        profile = encode_profile(items, embedding, embedding_model)
+
+        def write(conn: sqlite3.Connection) -> int:
+            # UPSERT, not REPLACE: REPLACE deletes the row first and the cascade would drop the blobs.
+            conn.execute(
+                """INSERT INTO users (user_id, items, embedding, embedding_model, profile_version, updated_at)
+                   VALUES (?, ?, ?, ?, 1, ?)
+                   ON CONFLICT (user_id) DO UPDATE SET
+                       items = excluded.items,
+                       embedding = excluded.embedding,
+                       embedding_model = excluded.embedding_model,
+                       profile_version = profile_version + 1,
+                       updated_at = excluded.updated_at""",
+                (user_id, profile.items, profile.embedding, profile.embedding_model, profile.updated_at),
+            )
+            return conn.execute("SELECT profile_version FROM users WHERE user_id = ?", (user_id,)).fetchone()[0]
+
+        version = await self._run(write, transaction=True)
+        return profile.to_record(user_id, version)
+
+    async def set_embedding(
+        self, user_id: str, embedding: np.ndarray, embedding_model: str, expected_profile_version: int
+    ) -> bool:
+        check_user_id(user_id)
+        data = encode_embedding(embedding, embedding_model)
+
+        def write(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                """UPDATE users SET embedding = ?, embedding_model = ?, updated_at = ?
+                   WHERE user_id = ? AND profile_version = ?""",
+                (data, embedding_model, time.time(), user_id, int(expected_profile_version)),
+            )
+            return cursor.rowcount == 1
+
+        return await self._run(write)
+
+    async def delete_user(self, user_id: str) -> bool:
+        """One DELETE; the foreign key's ON DELETE CASCADE removes the blobs with it."""
+        check_user_id(user_id)
+        return await self._run(
+            lambda conn: conn.execute("DELETE FROM users WHERE user_id = ?", (user_id,)).rowcount == 1
+        )
+
+    async def put_blob(self, user_id: str, name: str, data: bytes) -> int:
+        check_user_id(user_id)
+        check_blob_name(name)
+        data = check_blob_data(data)
+
+        def write(conn: sqlite3.Connection) -> int:
+            if conn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone() is None:
+                raise UserNotFound(f"no profile for user {user_id!r}: store it before its blobs")
+            cursor = conn.execute("REPLACE INTO blobs (user_id, name, data) VALUES (?, ?, ?)", (user_id, name, data))
+            assert cursor.lastrowid is not None  # set by every successful INSERT
+            return cursor.lastrowid
+
+        return await self._run(write, transaction=True)
+
+    async def get_blob(self, user_id: str, name: str) -> tuple[int, bytes] | None:
+        check_user_id(user_id)
+        check_blob_name(name)
+
+        def read(conn: sqlite3.Connection) -> tuple[int, bytes] | None:
+            row = conn.execute(
+                "SELECT version, data FROM blobs WHERE user_id = ? AND name = ?", (user_id, name)
+            ).fetchone()
+            return (row[0], bytes(row[1])) if row else None
+
+        return await self._run(read)
+
+    async def delete_blob(self, user_id: str, name: str) -> bool:
+        check_user_id(user_id)
+        check_blob_name(name)
+        return await self._run(
+            lambda conn: conn.execute("DELETE FROM blobs WHERE user_id = ? AND name = ?", (user_id, name)).rowcount
+            == 1
+        )
+
+    async def count_users(self) -> int:
+        return await self._run(lambda conn: conn.execute("SELECT COUNT(*) FROM users").fetchone()[0])
+
+    async def ping(self) -> None:
+        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        """Idempotent; later calls raise `StoreError`."""
+
+        def close() -> None:
+            with self._lock:
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    conn.close()
+
+        await asyncio.to_thread(close)
+
+    # --- plumbing -------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, transaction: bool = False) -> T:
+        return await asyncio.to_thread(self._call, fn, transaction)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T], transaction: bool) -> T:
+        with self._lock, self._errors():
+            if self._conn is None:
+                raise StoreError(f"{self!r} is closed")
+            if not transaction:
+                return fn(self._conn)
+            with _transaction(self._conn):
+                return fn(self._conn)
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Map sqlite3 errors to the store's types by result code, never by message."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            code = getattr(e, "sqlite_errorcode", None)
+            name = getattr(e, "sqlite_errorname", type(e).__name__)
+            if code is not None and code & 0xFF in _UNAVAILABLE_CODES:
+                raise StoreUnavailable(f"SQLite user store {self.path} is unavailable: {e} ({name})") from e
+            raise StoreError(f"SQLite user store {self.path}: {e} ({name})") from e
+        except OSError as e:  # creating the parent directory
+            raise StoreUnavailable(f"SQLite user store {self.path} is unavailable: {e}") from e
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """`BEGIN IMMEDIATE` takes the write lock up front, so read-then-write cannot deadlock."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _open(path: Path, busy_timeout: float) -> sqlite3.Connection:
+    if str(path) != ":memory:":
+        path.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: no implicit transactions; `_transaction` opens them explicitly.
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL mode: never corrupt; a power loss may drop the last commits.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        _migrate(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
+    with _transaction(conn):
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"SQLite user store {path} has schema version {version}, newer than this server's {SCHEMA_VERSION}"
+            )
+        for number, statements in enumerate(_MIGRATIONS[version:], start=version + 1):
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")

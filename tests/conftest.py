@@ -1,0 +1,142 @@
+"""Shared fixtures: a tiny random model, tiny random banks, real Redis, and the real server."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .redis_server import redis_url  # noqa: F401  (fixture)
+from .server_process import ADMIN_TOKEN, ServerProcess
+from .tiny_model import build_tiny_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Anchor users with clearly different tastes, so retrieval is predictable.
+THEMES: dict[str, list[dict[str, str]]] = {
+    "space": [
+        {"description": "Astronauts travel through a wormhole to find a new planet for humanity.", "tag": "sci-fi"},
+        {"description": "A spaceship crew is hunted by an alien creature in deep space.", "tag": "sci-fi"},
+        {"description": "Robots and starships fight a galactic war among distant stars.", "tag": "sci-fi"},
+    ],
+    "romance": [
+        {"description": "Two strangers fall in love over one summer in Paris.", "tag": "romance"},
+        {"description": "A bride-to-be rediscovers her first love before the wedding.", "tag": "romance"},
+        {"description": "Letters between two lovers separated by the war.", "tag": "romance"},
+    ],
+    "crime": [
+        {"description": "A mob boss hands the family business to his reluctant son.", "tag": "violence"},
+        {"description": "Detectives hunt a serial killer through a rainy city.", "tag": "violence"},
+        {"description": "A bank heist goes wrong and the robbers turn on each other.", "tag": "violence"},
+    ],
+    "comedy": [
+        {"description": "Two clumsy friends accidentally become famous chefs.", "tag": "comedy"},
+        {"description": "A family road trip turns into a series of hilarious disasters.", "tag": "comedy"},
+        {"description": "A talking dog runs for mayor of a small town.", "tag": "comedy"},
+    ],
+}
+HISTORY_TEMPLATE = "Description: {description} Tag: {tag}"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config(tiny_model_dir: Path) -> dict:
+    return json.loads((tiny_model_dir / "config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from server.embedding import DEFAULT_EMBEDDING_MODEL, Embedder, resolve_embedding_model
+
+    return Embedder(resolve_embedding_model(DEFAULT_EMBEDDING_MODEL))
+
+
+@pytest.fixture(scope="session")
+def theme_embeddings(embedder) -> np.ndarray:
+    from server.prompts import render_item
+
+    return np.stack([embedder.embed_user([render_item(i, HISTORY_TEMPLATE) for i in items]) for items in THEMES.values()])
+
+
+@pytest.fixture(scope="session")
+def make_bank(tmp_path_factory, tiny_model_dir, tiny_model_config, theme_embeddings):
+    """Write a tiny random bank (one anchor per theme) on the tiny model; kwargs override defaults."""
+    from server.bank.manifest import FusionDefaults, TaskSpec
+    from server.bank.random_bank import write_random_bank
+    from server.embedding import DEFAULT_EMBEDDING_MODEL
+
+    def make(name: str = "tiny", **kw) -> Path:
+        args = dict(
+            model_config=tiny_model_config,
+            model_id=tiny_model_dir.name,
+            anchor_ids=list(THEMES),
+            anchor_embeddings=theme_embeddings,
+            embedding_model=DEFAULT_EMBEDDING_MODEL,
+            rank=4,
+            b_std=0.5,
+            fusion=FusionDefaults(mode="cat", top_k=2),
+            task=TaskSpec(name="movie_tagging", history_template=HISTORY_TEMPLATE),
+            name=name,
+        )
+        args.update(kw)
+        return write_random_bank(tmp_path_factory.mktemp("banks") / name, **args)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bank(make_bank) -> Path:
+    return make_bank("tiny", bank_version="tiny-v1")
+
+
+def server_env(tmp: Path, model_dir: Path, bank: Path, **extra: str) -> dict[str, str]:
+    env = {
+        "MTA_MODEL_PATH": str(model_dir),
+        "MTA_BANK_PATH": str(bank),
+        "MTA_DATA_DIR": str(tmp / "data"),
+        "MTA_ADAPTER_CACHE_DIR": str(tmp / "adapters"),
+        "MTA_DTYPE": "float32",
+        "MTA_ADMIN_TOKEN": ADMIN_TOKEN,
+        "MTA_MAX_MODEL_LEN": "512",
+        "MTA_MAX_TOKENS": "64",
+        "MTA_DEFAULT_MAX_TOKENS": "16",
+        "MTA_MAX_NUM_SEQS": "8",
+        "MTA_MAX_LORAS": "4",
+        "MTA_MAX_LORA_RANK": "16",
+        "MTA_CPU_KVCACHE_SPACE_GB": "1",
+        "MTA_MAX_PROFILE_ITEMS": "20",
+        "MTA_LOG_LEVEL": "info",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    }
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_model_dir, tiny_bank) -> Iterator[ServerProcess]:
+    """One real server for the session (SQLite store); tests must not depend on each other's users."""
+    tmp = tmp_path_factory.mktemp("server")
+    proc = ServerProcess(tmp, server_env(tmp, tiny_model_dir, tiny_bank)).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture()
+def client(server: ServerProcess):
+    with server.client() as c:
+        yield c
+
+
+@pytest.fixture()
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -1,0 +1,317 @@
+"""Adapter math and PEFT I/O, checked numerically against real PEFT on a tiny Llama."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from server.adapters import (
+    AdapterFormatError,
+    FusionError,
+    LoraWeights,
+    adapter_from_bytes,
+    adapter_to_bytes,
+    check_fusion_plan,
+    fold_scaling,
+    fuse,
+    fuse_cat,
+    fuse_linear,
+    get_scaling,
+    load_adapter,
+    lora_from_peft_model,
+    save_adapter,
+    stack,
+)
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Different alphas, ranks, an rsLoRA and one LoRA on fewer modules, so that every
+# scaling and padding path is exercised. (PEFT warns on names that are substrings of
+# its "lora_" prefix, such as "a".)
+ADAPTERS = {
+    "x": dict(r=4, lora_alpha=8),
+    "y": dict(r=4, lora_alpha=16),
+    "z": dict(r=8, lora_alpha=4, use_rslora=True),
+    "qv": dict(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]),
+}
+WEIGHTS = [0.5, 0.3, 0.15, 0.05]
+VOCAB = 128
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def make_base() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+    )
+    return LlamaForCausalLM(config).float().eval()
+
+
+@pytest.fixture
+def peft_model() -> PeftModel:
+    """A tiny Llama with four PEFT LoRAs whose A and B are both random (non-zero deltas)."""
+    model = None
+    for name, kwargs in ADAPTERS.items():
+        config = LoraConfig(
+            **{"target_modules": ALL_LINEAR, **kwargs}, lora_dropout=0.0, init_lora_weights=False
+        )
+        if model is None:
+            model = get_peft_model(make_base(), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    return model.eval()
+
+
+@pytest.fixture
+def loras(peft_model: PeftModel) -> dict[str, LoraWeights]:
+    return {name: lora_from_peft_model(peft_model, name) for name in ADAPTERS}
+
+
+def peft_deltas(model: PeftModel, adapter: str) -> dict[str, Tensor]:
+    """PEFT's own delta weights (scaling * B @ A) of `adapter`, by module name."""
+    return {
+        name.removeprefix("base_model.model."): module.get_delta_weight(adapter)
+        for name, module in model.named_modules()
+        if adapter in getattr(module, "lora_A", {})
+    }
+
+
+def assert_deltas(lora: LoraWeights, expected: dict[str, Tensor]) -> None:
+    assert lora.modules == sorted(expected)
+    for module, delta in expected.items():
+        torch.testing.assert_close(lora.delta(module), delta, **TOL)
+
+
+def assert_serves_like(
+    model: PeftModel, active: str | list[str], lora: LoraWeights, path: Path
+) -> None:
+    """`lora` saved and loaded by PEFT gives the logits of `model` with `active` adapters."""
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    served = PeftModel.from_pretrained(
+        make_base(), save_adapter(lora, path, base_model_name_or_path="tiny-llama")
+    ).eval()
+    model.base_model.set_adapter(active)
+    with torch.no_grad():
+        expected = model(ids).logits
+        with model.disable_adapter():
+            base = model(ids).logits
+        got = served(ids).logits
+    assert not torch.allclose(expected, base, atol=1e-3)  # the adapter does change the output
+    torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_get_scaling() -> None:
+    assert get_scaling(16, 8) == 2.0
+    assert get_scaling(16, 16, use_rslora=True) == 4.0
+
+
+def test_lora_from_peft_model_matches_peft(peft_model: PeftModel, loras: dict) -> None:
+    for name in ADAPTERS:
+        assert_deltas(loras[name], peft_deltas(peft_model, name))
+    assert loras["z"].scaling == pytest.approx(4 / 8**0.5)
+    assert loras["qv"].target_modules == ["q_proj", "v_proj"]
+
+
+def test_cat_equals_peft_add_weighted_adapter(peft_model: PeftModel, loras: dict) -> None:
+    fused = fuse_cat([loras[n] for n in ADAPTERS], WEIGHTS)
+    # PEFT gives the result the first adapter's use_rslora (scaling sqrt(r), not 1),
+    # so the rsLoRA "z" must not come first.
+    peft_model.add_weighted_adapter(list(ADAPTERS), WEIGHTS, "cat", combination_type="cat")
+
+    assert (fused.rank, fused.scaling) == (4 + 4 + 8 + 2, 1.0)
+    assert_deltas(fused, peft_deltas(peft_model, "cat"))
+
+
+def test_linear_is_elementwise_weighted_sum(loras: dict) -> None:
+    x, y = loras["x"], loras["y"]
+    fused = fuse_linear([x, y], [0.7, 0.3])
+
+    assert (fused.rank, fused.scaling) == (4, 1.0)
+    for m in x.modules:
+        torch.testing.assert_close(fused.a[m], 0.7 * x.a[m] + 0.3 * y.a[m], **TOL)
+        expected_b = 0.7 * x.scaling * x.b[m] + 0.3 * y.scaling * y.b[m]
+        torch.testing.assert_close(fused.b[m], expected_b, **TOL)
+
+
+def test_linear_with_equal_scalings_is_the_paper_formula(loras: dict) -> None:
+    x = loras["x"]
+    y = dataclasses.replace(loras["y"], scaling=x.scaling)
+    fused = fuse("linear", [x, y], [0.7, 0.3])
+
+    for m in x.modules:
+        paper = x.scaling * (0.7 * x.b[m] + 0.3 * y.b[m]) @ (0.7 * x.a[m] + 0.3 * y.a[m])
+        torch.testing.assert_close(fused.delta(m), paper, **TOL)
+
+
+def test_linear_of_one_lora_reproduces_it(peft_model: PeftModel, loras: dict) -> None:
+    peft_model.add_weighted_adapter(["x"], [1.0], "one", combination_type="linear")
+
+    assert_deltas(fuse_linear([loras["x"]], [1.0]), peft_deltas(peft_model, "x"))
+    assert_deltas(fuse_linear([loras["x"]], [1.0]), peft_deltas(peft_model, "one"))
+
+
+def test_fold_scaling_keeps_the_delta(peft_model: PeftModel, loras: dict) -> None:
+    folded = fold_scaling(loras["z"])
+
+    assert folded.scaling == 1.0
+    assert_deltas(folded, peft_deltas(peft_model, "z"))
+
+
+def test_saved_adapter_serves_like_peft(peft_model: PeftModel, loras: dict, tmp_path) -> None:
+    assert_serves_like(peft_model, "z", loras["z"], tmp_path / "z")  # scaling folded on save
+
+    peft_model.add_weighted_adapter(list(ADAPTERS), WEIGHTS, "cat", combination_type="cat")
+    fused = fuse_cat([loras[n] for n in ADAPTERS], WEIGHTS)
+    assert_serves_like(peft_model, "cat", fused, tmp_path / "cat")
+
+
+def test_stack_adds_deltas_and_ranks(loras: dict) -> None:
+    fused = fuse_cat([loras["x"], loras["z"]], [0.6, 0.4])
+    user = loras["qv"]  # only q/v: the other modules get zero padding
+    stacked = stack(fused, user)
+
+    assert stacked.rank == fused.rank + user.rank
+    assert stacked.modules == fused.modules
+    for m in fused.modules:
+        expected = fused.delta(m) + (user.delta(m) if m in user.a else 0)
+        torch.testing.assert_close(stacked.delta(m), expected, **TOL)
+
+
+def test_stacked_adapter_serves_like_two_active_peft_adapters(
+    peft_model: PeftModel, loras: dict, tmp_path
+) -> None:
+    peft_model.add_weighted_adapter(["x", "y"], [0.6, 0.4], "fused", combination_type="cat")
+    stacked = stack(fuse_cat([loras["x"], loras["y"]], [0.6, 0.4]), loras["qv"])
+
+    assert_serves_like(peft_model, ["fused", "qv"], stacked, tmp_path / "stacked")
+
+
+def test_save_load_round_trip_replaces_existing_dir(loras: dict, tmp_path) -> None:
+    path = tmp_path / "adapter"
+    save_adapter(loras["x"], path, base_model_name_or_path="tiny-llama")
+    save_adapter(loras["z"], path, base_model_name_or_path="tiny-llama")
+    loaded = load_adapter(path)
+
+    assert (loaded.rank, loaded.scaling) == (8, 1.0)
+    assert_deltas(loaded, {m: loras["z"].delta(m) for m in loras["z"].modules})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp dirs left
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (8, 8)  # scaling 1 when served
+    assert config["target_modules"] == sorted(ALL_LINEAR)
+
+
+def test_load_adapter_reads_peft_save_pretrained(peft_model: PeftModel, tmp_path) -> None:
+    peft_model.save_pretrained(tmp_path, selected_adapters=["z"])  # rsLoRA config
+
+    assert_deltas(load_adapter(tmp_path / "z"), peft_deltas(peft_model, "z"))
+
+
+def test_load_adapter_accepts_keys_with_the_adapter_name(loras: dict, tmp_path) -> None:
+    path = save_adapter(loras["x"], tmp_path / "adapter", base_model_name_or_path="tiny-llama")
+    tensors = load_file(path / "adapter_model.safetensors")
+    renamed = {k.replace(".weight", ".default.weight"): v for k, v in tensors.items()}
+    save_file(renamed, path / "adapter_model.safetensors")  # e.g. lora_A.default.weight
+
+    assert_deltas(load_adapter(path), {m: loras["x"].delta(m) for m in loras["x"].modules})
+
+
+def test_adapter_bytes_round_trip(loras: dict) -> None:
+    lora = loras["x"]
+    restored = adapter_from_bytes(adapter_to_bytes(lora))
+
+    assert (restored.rank, restored.scaling) == (4, lora.scaling)
+    assert all(torch.equal(restored.a[m], lora.a[m]) for m in lora.modules)
+    assert all(torch.equal(restored.b[m], lora.b[m]) for m in lora.modules)
+    assert adapter_from_bytes(adapter_to_bytes(lora), scaling=0.5).scaling == 0.5
+    with pytest.raises(AdapterFormatError, match="not a safetensors blob"):
+        adapter_from_bytes(b"garbage!")
+
+
+def test_check_fusion_plan_gathers_every_problem(loras: dict) -> None:
+    q_only = LoraWeights(
+        a={m: t for m, t in loras["x"].a.items() if m.endswith("q_proj")},
+        b={m: t for m, t in loras["x"].b.items() if m.endswith("q_proj")},
+        scaling=1.0,
+    )
+    with pytest.raises(FusionError) as error:
+        check_fusion_plan([loras["x"], loras["z"], q_only], [0.5, -1.0], "linear", max_rank=2)
+
+    for problem in ("3 LoRAs but 2 weights", "finite and >= 0", "equal ranks, got [4, 8, 4]",
+                    "equal module sets", "rank 4 exceeds max_rank 2"):
+        assert problem in str(error.value)
+
+
+def test_check_fusion_plan_returns_rank_and_enforces_max_rank(loras: dict) -> None:
+    x, y, user = loras["x"], loras["y"], loras["qv"]
+
+    assert check_fusion_plan([x, y], [0.5, 0.5], "linear") == 4
+    assert check_fusion_plan([x, y], [0.5, 0.5], "cat", max_rank=10, stacked=user) == 10
+    with pytest.raises(FusionError, match="rank 10 exceeds max_rank 8"):
+        check_fusion_plan([x, y], [0.5, 0.5], "cat", max_rank=8, stacked=user)
+
+
+def test_fusion_refuses_bad_plans(loras: dict) -> None:
+    wide = LoraWeights(  # same module names, other in-features: another base model
+        a={m: torch.zeros(4, 3) for m in loras["x"].modules},
+        b={m: torch.zeros(5, 4) for m in loras["x"].modules},
+        scaling=1.0,
+    )
+    with pytest.raises(FusionError, match="unknown fusion mode 'svd'"):
+        fuse("svd", [loras["x"]], [1.0])
+    with pytest.raises(FusionError, match="equal ranks"):
+        fuse_linear([loras["x"], loras["z"]], [0.5, 0.5])
+    with pytest.raises(FusionError, match="disagree on"):
+        fuse_cat([loras["x"], wide], [0.5, 0.5])
+    with pytest.raises(FusionError, match="disagree on"):
+        stack(loras["x"], wide)
+    with pytest.raises(FusionError, match="no LoRAs"):
+        fuse_cat([], [])
+
+
+def _set_config(key: str, value: object) -> Callable[[Path], None]:
+    def edit(path: Path) -> None:
+        config_path = path / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, key: value}))
+
+    return edit
+
+
+def _drop_one_lora_b(path: Path) -> None:
+    tensors = load_file(path / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    save_file({k: v for k, v in tensors.items() if k != key}, path / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda path: (path / "adapter_config.json").unlink(), "missing adapter_config.json"),
+        (_set_config("r", 5), "config r=5 but tensors have rank [4]"),
+        (_set_config("peft_type", "IA3"), "not 'LORA'"),
+        (_set_config("use_dora", True), "unsupported use_dora"),
+        (_set_config("target_modules", ["q_proj"]), "outside target_modules"),
+        (_drop_one_lora_b, "without both lora_A and lora_B"),
+    ],
+)
+def test_load_adapter_names_the_problem(loras: dict, tmp_path, edit, problem: str) -> None:
+    path = save_adapter(loras["x"], tmp_path / "adapter", base_model_name_or_path="tiny-llama")
+    edit(path)
+
+    with pytest.raises(AdapterFormatError) as error:
+        load_adapter(path)
+    assert str(path) in str(error.value) and problem in str(error.value)
