@@ -53,6 +53,21 @@ def cmd_bank_random(args: argparse.Namespace) -> None:
     print(write_random_demo_bank(args.out, model_path=path, model_id=model_id, n_anchors=args.anchors))
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    import importlib
+    import json
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from server.bench import BENCHMARKS
+
+    module = importlib.import_module(BENCHMARKS[args.name])
+    result = module.run(args)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mta", description="MTA personalization server (settings: MTA_* variables)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -75,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--model", type=Path)
     rnd.add_argument("--anchors", type=int, default=8)
     rnd.set_defaults(func=cmd_bank_random)
+
+    from server.bench import BENCHMARKS
+
+    bench = sub.add_parser("bench", help="benchmarks (ratios against baselines, JSON results)")
+    bench_sub = bench.add_subparsers(dest="name", required=True)
+    for name, module_path in BENCHMARKS.items():
+        b = bench_sub.add_parser(name)
+        b.add_argument("--out", type=Path, help="write JSON results here")
+        b.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
+        b.set_defaults(func=cmd_bench, module_path=module_path)
     return p
 
 
