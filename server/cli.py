@@ -29,11 +29,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     settings = _settings(host=args.host, port=args.port, bank_path=args.bank, model_path=args.model)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30)
-    # uvicorn returns normally when the lifespan fails (e.g. the engine cannot start).
-    if not getattr(app.state, "services", None):
-        sys.exit("mta serve: startup failed (see the error above)")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )  # exits with status 3 when startup fails (bad model, bank or store, or the engine cannot start)
 
 
 def cmd_model_prepare(args: argparse.Namespace) -> None:

@@ -52,7 +52,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = await build_services(settings)
+        try:
+            services = await build_services(settings)
+        except Exception as e:
+            log.error("mta serve cannot start: %s", e)  # uvicorn then exits with status 3
+            raise
         app.state.services = services
         log.info("ready: model %s, bank %s", services.engine.model_id, services.banks.current.version)
         try:

@@ -1,6 +1,8 @@
-"""A restart of the server keeps users, on both store backends."""
+"""Server lifecycle: restarts keep users (both stores); a failed start exits with the reason."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +31,18 @@ def test_restart_keeps_users(backend, request, tmp_path, tiny_model_dir, tiny_ba
             assert again["token_ids"] == first["token_ids"] and again["adapter"]["cache_hit"] is False
     finally:
         proc.stop()
+
+
+def test_engine_that_cannot_start_exits_with_the_reason(tmp_path, tiny_model_dir, tiny_bank):
+    import json
+    import shutil
+
+    broken = Path(shutil.copytree(tiny_model_dir, tmp_path / tiny_model_dir.name))
+    config = json.loads((broken / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (broken / "config.json").write_text(json.dumps(config))
+    proc = ServerProcess(tmp_path, server_env(tmp_path, broken, tiny_bank))
+    with pytest.raises(RuntimeError) as e:
+        proc.start(timeout=180)
+    assert "exited with 3" in str(e.value)
+    assert "cannot start: vLLM engine failed to start" in proc.log_path.read_text()
