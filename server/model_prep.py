@@ -24,6 +24,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +218,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         raise RuntimeError(f"Conversion did not produce {missing_files} in {out_dir}")
 
 
-def _save_tokenizer(tokenizer, out_dir: Path) -> None:  # noqa: ANN001 - any HF tokenizer
+def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
     """Save the GGUF's tokenizer as a generic fast tokenizer with SmolLM2's specials.
 
     The class is written as ``PreTrainedTokenizerFast`` so that transformers 4.x and 5.x

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in SmolLM2
 
@@ -73,7 +77,7 @@ CORPUS: tuple[str, ...] = (
 )
 
 
-def _train_tokenizer(vocab_size: int):  # -> tokenizers.Tokenizer
+def _train_tokenizer(vocab_size: int) -> Tokenizer:
     """Byte-level BPE (like GPT-2/SmolLM2): every string is encodable, no unknowns."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -185,7 +189,7 @@ def build_tiny_model(
     return out_dir
 
 
-def _used_token_ids(backend) -> set[int]:  # noqa: ANN001 - tokenizers.Tokenizer
+def _used_token_ids(backend: Tokenizer) -> set[int]:
     """Token ids that occur when encoding the corpus and ChatML markup."""
     texts = list(CORPUS) + ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"]
     return {i for enc in backend.encode_batch(texts) for i in enc.ids}
