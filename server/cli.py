@@ -38,6 +38,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )  # exits with status 3 when startup fails (bad model, bank or store, or the engine cannot start)
 
 
+def cmd_worker(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from server.worker import run_worker
+
+    settings = _settings(bank_path=args.bank, model_path=args.model)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run_worker(settings))
+
+
 def cmd_model_prepare(args: argparse.Namespace) -> None:
     from server.defaults import resolve_model
 
@@ -53,6 +63,64 @@ def cmd_bank_random(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path, model_id = resolve_model(_settings(model_path=args.model))
     print(write_random_demo_bank(args.out, model_path=path, model_id=model_id, n_anchors=args.anchors))
+
+
+def cmd_bank_build(args: argparse.Namespace) -> None:
+    from server.bank.build import BankBuildError, BuildConfig, build_bank, make_task
+    from server.bank.manifest import FusionDefaults
+    from server.defaults import resolve_model
+    from server.embedding import DEFAULT_EMBEDDING_MODEL
+    from server.training import ALL_LINEAR, TrainConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        task = make_task(args.task, args.history_template, args.prompt_template, args.answer_field)
+        train = TrainConfig(
+            rank=args.rank,
+            alpha=args.alpha or 2 * args.rank,
+            target_modules=tuple(args.targets or ALL_LINEAR),
+            learning_rate=args.lr,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            max_length=args.max_length,
+            bf16_autocast=args.bf16_autocast,
+        )
+        config = BuildConfig(
+            task=task,
+            n_anchors=args.anchors,
+            train=train,
+            meta_data=args.meta_data,
+            holdout_fraction=args.holdout_fraction,
+            kmeans_seed=args.seed,
+            dtype=args.dtype,
+            embedding_model=args.embedding_model or DEFAULT_EMBEDDING_MODEL,
+            fusion=FusionDefaults(mode=args.fusion_mode, top_k=args.top_k),
+            name=args.name,
+        )
+    except ValueError as e:
+        sys.exit(f"mta bank build: {e}")
+    path, model_id = resolve_model(_settings(model_path=args.model))
+    try:
+        report = build_bank(
+            args.data, args.out, config, model_dir=path, model_id=model_id, work_dir=args.work_dir, keep_work=args.keep_work
+        )
+    except BankBuildError as e:
+        sys.exit(f"mta bank build: {e}")
+    size = sum(f.stat().st_size for f in report.path.rglob("*") if f.is_file())
+    print(f"bank {report.manifest.bank_version} written to {report.path} ({size / 1e6:.1f} MB)")
+    for anchor in report.manifest.anchors:
+        rec = report.manifest.extra["anchors"][anchor.id]
+        print(
+            f"  anchor {anchor.id}: cluster of {anchor.cluster_size}, {rec['examples']} examples,"
+            f" loss {rec['initial_loss']:.3f} -> {rec['final_loss']:.3f}"
+        )
+    print(f"trained {len(report.trained)}, reused {len(report.skipped)} anchors in {report.seconds:.0f} s")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -81,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", type=Path, help="model directory (MTA_MODEL_PATH)")
     serve.set_defaults(func=cmd_serve)
 
+    worker = sub.add_parser("worker", help="run fine-tune jobs from the shared store (Redis) queue")
+    worker.add_argument("--bank", type=Path, help="bank directory (MTA_BANK_PATH)")
+    worker.add_argument("--model", type=Path, help="model directory (MTA_MODEL_PATH)")
+    worker.set_defaults(func=cmd_worker)
+
     model = sub.add_parser("model", help="base model helpers").add_subparsers(dest="model_command", required=True)
     prep = model.add_parser("prepare", help="convert the packaged SmolLM2-135M-Instruct once into the cache")
     prep.add_argument("--cache-dir", type=Path)
@@ -92,6 +165,41 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--model", type=Path)
     rnd.add_argument("--anchors", type=int, default=8)
     rnd.set_defaults(func=cmd_bank_random)
+    build = bank.add_parser(
+        "build",
+        help="train a meta-LoRA bank (MTA stage 1) from a LaMP-format user file",
+        description="Split users into anchor pool / held-out, embed and cluster the pool, train one meta-LoRA "
+        "per cluster anchor (longest history) from one shared init, write the bank atomically. Resumable.",
+    )
+    build.add_argument("--task", required=True, help="movie_tagging, news_headline, or a name for a generic task")
+    build.add_argument("--data", type=Path, required=True, help="LaMP per-user JSON file")
+    build.add_argument("--out", type=Path, required=True, help="bank directory to write (replaced atomically)")
+    build.add_argument("--model", type=Path, help="base model directory (default: the server's default model)")
+    build.add_argument("--anchors", type=int, default=8, help="k: number of clusters / meta-LoRAs")
+    build.add_argument("--rank", type=int, default=8)
+    build.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 x rank)")
+    build.add_argument("--targets", nargs="+", metavar="MODULE", help="LoRA target modules (default: all 7 linear)")
+    build.add_argument("--epochs", type=int, default=2)
+    build.add_argument("--lr", type=float, default=2e-4)
+    build.add_argument("--batch-size", type=int, default=4)
+    build.add_argument("--max-length", type=int, default=512, help="tokens per training example")
+    build.add_argument("--no-bf16-autocast", dest="bf16_autocast", action="store_false")
+    build.add_argument("--seed", type=int, default=0, help="LoRA A init (shared by all anchors), order, k-means")
+    build.add_argument("--meta-data", choices=["anchor", "cluster"], default="anchor",
+                       help="train on the anchor's history (paper) or on all cluster members' histories")
+    build.add_argument("--holdout-fraction", type=float, default=0.2, help="users held out of the bank")
+    build.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32", help="stored adapter dtype")
+    build.add_argument("--history-template", help="history item template, e.g. 'Description: {description} Tag: {tag}'")
+    build.add_argument("--prompt-template", help="instruction for a left-out item, e.g. 'Tag this movie: {description}'")
+    build.add_argument("--answer-field", help="item field to predict (default: from the templates)")
+    build.add_argument("--embedding-model", help="name or directory (default: all-MiniLM-L6-v2, shipped)")
+    build.add_argument("--fusion-mode", choices=["linear", "cat"], default="linear", help="bank default")
+    build.add_argument("--top-k", type=int, default=2, help="bank default anchors fused per user")
+    build.add_argument("--name", help="bank name (default: the task)")
+    build.add_argument("--work-dir", type=Path, help="trained meta-LoRAs for resuming (default: .<out>.build)")
+    build.add_argument("--keep-work", action="store_true", help="keep the work directory after success")
+    build.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is faster on a busy machine)")
+    build.set_defaults(func=cmd_bank_build)
 
     from server.bench import BENCHMARKS
 

@@ -37,3 +37,13 @@ class Forbidden(MTAError):
 class Unavailable(MTAError):
     status = 503
     code = "unavailable"
+
+
+class Conflict(MTAError):
+    status = 409
+    code = "conflict"
+
+
+class TooManyRequests(MTAError):
+    status = 429
+    code = "too_many_requests"

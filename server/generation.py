@@ -52,7 +52,10 @@ class GenerationResult:
             "anchors": [{"id": a, "weight": w} for a, w in plan.anchors] if plan else [],
             "bank_version": self.ctx.served.version,
             "fusion_mode": plan.mode if plan else None,
-            "stacked": False,
+            "stacked": self.ctx.serves_stacked,
+            "stacked_version": self.ctx.stacked.version if self.ctx.stacked else None,
+            "stacked_bank_version": self.ctx.stacked.bank_version if self.ctx.stacked else None,
+            "stacked_stale": self.ctx.stacked_stale,
             "adapter": (
                 {"lora_int_id": self.lease.lora_int_id, "rank": self.lease.rank, "cache_hit": self.lease.cache_hit}
                 if self.lease

@@ -15,6 +15,7 @@ from server.errors import InvalidInput, NotFound
 from server.fusion import FusionPlan, materialize, plan_fusion
 from server.metrics import Metrics
 from server.settings import Settings
+from server.stacking import STACKED_BLOB, StackedBlob
 from server.store import UserRecord, UserStore
 
 
@@ -27,10 +28,20 @@ class UserContext:
     record: UserRecord | None
     plan: FusionPlan | None
     history: list[str]
+    stacked: StackedBlob | None = None  # the user's stacked LoRA, if any (served only if not stale)
 
     @property
     def personalized(self) -> bool:
         return self.plan is not None
+
+    @property
+    def stacked_stale(self) -> bool:
+        """Trained over another bank's fused adapter: served fused-only until fine-tuned again."""
+        return self.stacked is not None and self.stacked.bank_version != self.served.version
+
+    @property
+    def serves_stacked(self) -> bool:
+        return self.plan is not None and self.stacked is not None and not self.stacked_stale
 
 
 @dataclass(frozen=True)
@@ -43,7 +54,12 @@ class AdapterLease:
 
 class Personalizer:
     def __init__(
-        self, settings: Settings, store: UserStore, banks: BankRegistry, cache: AdapterCache, metrics: Metrics
+        self,
+        settings: Settings,
+        store: UserStore,
+        banks: BankRegistry,
+        cache: AdapterCache | None = None,  # None in `mta worker`, which only builds plans
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -99,7 +115,9 @@ class Personalizer:
             embedding = await asyncio.to_thread(served.embedder.embed_user, history)
             await self.store.set_embedding(user_id, embedding, served.embedding_model, record.profile_version)
             record = UserRecord(**{**record.__dict__, "embedding": embedding, "embedding_model": served.embedding_model})
-        return UserContext(user_id, served, record, self._plan(served, record), history)
+        blob = await self.store.get_blob(user_id, STACKED_BLOB)
+        stacked = StackedBlob.parse(*blob) if blob else None
+        return UserContext(user_id, served, record, self._plan(served, record), history, stacked)
 
     @asynccontextmanager
     async def adapter(self, ctx: UserContext) -> AsyncIterator[AdapterLease | None]:
@@ -107,33 +125,56 @@ class Personalizer:
         if ctx.plan is None:
             yield None
             return
+        assert self.cache is not None and self.metrics is not None
         plan, bank = ctx.plan, ctx.served.bank
+        stacked = ctx.stacked if ctx.serves_stacked else None
         max_rank = self.settings.max_lora_rank
         rank_holder: list[int] = []
 
+        def fuse_and_write(path: Any) -> int:
+            return materialize(bank, plan, path, max_rank, stacked.lora() if stacked else None)
+
         async def build(path: Any) -> None:
             start = time.perf_counter()
-            rank_holder.append(await asyncio.to_thread(materialize, bank, plan, path, max_rank))
+            rank_holder.append(await asyncio.to_thread(fuse_and_write, path))
             self.metrics.fusion_seconds.observe(time.perf_counter() - start)
 
-        async with self.cache.lease(plan.key(), build) as (entry, hit):
+        key = plan.key(stacked.version if stacked else None)
+        async with self.cache.lease(key, build) as (entry, hit):
             (self.metrics.cache_hits if hit else self.metrics.cache_misses).inc()
             if rank_holder:
                 self._ranks[entry.lora_int_id] = rank_holder[0]
             yield AdapterLease(entry.lora_int_id, str(entry.path), self._ranks.get(entry.lora_int_id, 0), hit)
 
+    def forget_adapters(self, ctx: UserContext) -> None:
+        """Drop cached adapters of this user: the fused one of the current plan and any stacked one."""
+        if self.cache is None:
+            return
+        fused_key = ctx.plan.key() if ctx.plan else None
+        stacked_version = ctx.stacked.version if ctx.stacked else None
+        self.cache.invalidate(
+            lambda k: k == fused_key or (stacked_version is not None and k.stacked_version == stacked_version)
+        )
+
     async def delete_user(self, user_id: str) -> None:
-        """Remove the user and any adapter cached for the user's current plan."""
-        record = await self.store.get_user(user_id)
-        if record is None:
+        """Remove everything about the user: profile, stacked LoRA, jobs and cached adapters."""
+        ctx = await self.context(user_id)
+        if ctx.record is None:
             raise NotFound(f"user {user_id!r} not found")
-        if record.embedding is not None and self.banks.loaded:
-            key = self._plan(self.banks.current, record).key()
-            self.cache.invalidate(lambda k: k == key)
+        self.forget_adapters(ctx)
         await self.store.delete_user(user_id)
+
+    async def delete_stacked(self, user_id: str) -> None:
+        ctx = await self.context(user_id)
+        if ctx.stacked is None:
+            raise NotFound(f"user {user_id!r} has no stacked LoRA")
+        if self.cache is not None:
+            version = ctx.stacked.version
+            self.cache.invalidate(lambda k: k.stacked_version == version)
+        await self.store.delete_blob(user_id, STACKED_BLOB)
 
     def on_bank_swap(self, old: ServedBank | None) -> int:
         """Adapters of the old bank can never be requested again: drop them (in-flight ones finish)."""
-        if old is None:
+        if old is None or self.cache is None:
             return 0
         return self.cache.invalidate(lambda k: k.bank == old.uid)

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     max_loras: int = Field(8, ge=1, description="Distinct adapters one engine step can batch.")
     max_cpu_loras: int | None = Field(None, ge=1, description="Adapters vLLM keeps loaded; unset = 4 x max_loras.")
     cpu_kvcache_space_gb: int = Field(2, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
+    fast_cpu_lora_ops: bool = Field(
+        True, description="On CPU, replace vLLM's per-token LoRA ops with grouped ones (server.lora_ops)."
+    )
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     engine_seed: int = 0
 
@@ -64,6 +67,20 @@ class Settings(BaseSettings):
     store_url: str | None = Field(None, description="sqlite:///path or redis://host:port/db; unset = SQLite in data_dir.")
     adapter_cache_dir: Path = Field(default_factory=_default_adapter_cache_dir)
     adapter_cache_size: int = Field(256, ge=1, description="Materialized adapters kept on disk (LRU).")
+
+    # --- fine-tuning (MTA stage 3) -----------------------------------------
+    finetune_runner: Literal["inprocess", "worker"] = Field(
+        "inprocess", description="Run fine-tunes in the API process, or leave them to `mta worker` processes."
+    )
+    finetune_queue_size: int = Field(16, ge=1, description="Queued fine-tune jobs before 429.")
+    finetune_max_examples: int = Field(64, ge=1)
+    finetune_max_example_chars: int = Field(8000, ge=1, description="Characters in one example (input + output).")
+    finetune_rank: int = Field(4, ge=1, le=16, description="Default stacked LoRA rank (paper: 4).")
+    finetune_learning_rate: float = Field(5e-5, gt=0, description="Default learning rate (paper: 5e-5).")
+    finetune_epochs: int = Field(1, ge=1, le=20, description="Default epochs (paper: 1).")
+    finetune_batch_size: int = Field(2, ge=1)
+    finetune_seed: int = 0
+    job_stale_seconds: float = Field(300, gt=0, description="A running job with no heartbeat for this long failed.")
 
     # --- API ----------------------------------------------------------------
     host: str = "127.0.0.1"

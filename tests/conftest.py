@@ -114,6 +114,7 @@ def server_env(tmp: Path, model_dir: Path, bank: Path, **extra: str) -> dict[str
         "MTA_MAX_LORA_RANK": "16",
         "MTA_CPU_KVCACHE_SPACE_GB": "1",
         "MTA_MAX_PROFILE_ITEMS": "20",
+        "MTA_FINETUNE_QUEUE_SIZE": "2",
         "MTA_LOG_LEVEL": "info",
         "HF_HUB_OFFLINE": "1",
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",

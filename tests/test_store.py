@@ -10,6 +10,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -55,6 +56,19 @@ def embedding(seed: int = 0, dim: int = 384) -> np.ndarray:
     special = np.array([-0.0, 1e-45, np.finfo(np.float32).max, np.float32(1 / 3)], dtype=np.float32)
     random = np.random.default_rng(seed).standard_normal(dim - special.size).astype(np.float32)
     return np.concatenate([special, random])  # [dim]
+
+
+def job(job_id: str, user_id: str = USER, status: str = "queued", **fields: Any) -> dict[str, Any]:
+    """A job record as the job service writes it: the required keys plus free fields."""
+    return {"job_id": job_id, "user_id": user_id, "status": status, "progress": 0.0, "error": None, **fields}
+
+
+async def drain(store: UserStore) -> list[str]:
+    """Every queued id, oldest first, without waiting."""
+    popped = []
+    while (job_id := await store.dequeue_job(0)) is not None:
+        popped.append(job_id)
+    return popped
 
 
 def assert_same_items(actual: object, expected: object) -> None:
@@ -295,6 +309,213 @@ async def test_closed_store_refuses_calls(store: UserStore) -> None:
         await store.put_blob("u", LORA, b"x")
 
 
+# --- fine-tune jobs, every backend ------------------------------------------------------
+
+
+async def test_job_round_trip_and_filters(store: UserStore) -> None:
+    assert await store.get_job("ft-none") is None
+    assert await store.list_jobs() == []
+    extra = {"params": {"rank": 4, "learning_rate": 1e-4}, "examples": [["in «é»", "out 李 😂"]], "big": 2**70}
+    records = [
+        job("ft-1", USER, "queued", **extra),
+        job("ft-2", "bystander", "running"),
+        job("ft-3", USER, "failed", error="queue full"),
+        job("ft-4", "bystander", "succeeded", final_loss=0.25),
+    ]
+    for record in records:
+        await store.put_job(record["job_id"], record)
+    assert_same_items(await store.get_job("ft-1"), records[0])
+    assert_same_items(await store.list_jobs(), records)
+
+    # An upsert replaces the record whole and keeps its place in the creation order.
+    records[0] = job("ft-1", USER, "running", step=3)
+    await store.put_job("ft-1", records[0])
+    assert_same_items(await store.get_job("ft-1"), records[0])
+    assert_same_items(await store.list_jobs(), records)
+
+    assert_same_items(await store.list_jobs(["running"]), [records[0], records[1]])
+    assert_same_items(await store.list_jobs({"failed", "succeeded"}), [records[2], records[3]])
+    assert_same_items(await store.list_jobs(user_id=USER), [records[0], records[2]])
+    assert_same_items(await store.list_jobs(("running",), user_id="bystander"), [records[1]])
+    assert await store.list_jobs(["queued"]) == []
+    assert await store.list_jobs([]) == []
+    assert await store.list_jobs(user_id="nobody") == []
+
+
+async def test_invalid_jobs_are_rejected(store: UserStore) -> None:
+    await store.put_job("ft-1", job("ft-1", USER))
+    for bad in (
+        job("ft-2", USER, "done"),  # unknown status
+        job("ft-other", USER),  # job_id differs from the key
+        {"job_id": "ft-2", "status": "queued"},  # no user
+        job("ft-2", USER, loss=float("nan")),  # not JSON
+        job("ft-2", USER, tags={"a set"}),
+    ):
+        with pytest.raises(ValueError):
+            await store.put_job("ft-2", bad)
+    assert await store.get_job("ft-2") is None
+    with pytest.raises(ValueError, match="another user"):  # a job never changes hands
+        await store.put_job("ft-1", job("ft-1", "bystander", "running"))
+    assert (await store.get_job("ft-1"))["user_id"] == USER
+    assert await store.list_jobs(user_id="bystander") == []
+    for bad_id in ("", "x" * 300, "tab\there"):
+        with pytest.raises(ValueError):
+            await store.get_job(bad_id)
+    with pytest.raises(ValueError):
+        await store.list_jobs("running")  # a bare string, not a collection of statuses
+    with pytest.raises(ValueError):
+        await store.list_jobs(["done"])
+    for bad_timeout in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            await store.dequeue_job(bad_timeout)
+    for bad_max in (-1, 1.5, True):
+        with pytest.raises(ValueError):
+            await store.enqueue_job("ft-1", bad_max)  # type: ignore[arg-type]
+    assert await store.queued_count() == 0
+
+
+async def test_active_job_slot(store: UserStore) -> None:
+    assert await store.release_active_job(USER, "ft-1") is False  # nothing to release
+    assert await store.claim_active_job(USER, "ft-1") is None
+    assert await store.claim_active_job(USER, "ft-1") is None  # idempotent for the holder
+    assert await store.claim_active_job(USER, "ft-2") == "ft-1"
+    assert await store.claim_active_job("bystander", "ft-3") is None  # one slot per user
+
+    assert await store.release_active_job(USER, "ft-2") is False  # not the holder: no effect
+    assert await store.claim_active_job(USER, "ft-2") == "ft-1"
+    assert await store.release_active_job(USER, "ft-1") is True
+    assert await store.release_active_job(USER, "ft-1") is False
+    assert await store.claim_active_job(USER, "ft-2") is None
+    assert await store.claim_active_job("bystander", "ft-4") == "ft-3"
+
+    results = await asyncio.gather(*(store.claim_active_job("racer", f"ft-r{i}") for i in range(10)))
+    winners = [f"ft-r{i}" for i, holder in enumerate(results) if holder is None]
+    assert len(winners) == 1
+    assert all(holder in (None, winners[0]) for holder in results)
+
+
+async def test_queue_is_bounded_and_fifo(store: UserStore) -> None:
+    assert await store.queued_count() == 0
+    assert await store.dequeue_job(0) is None
+    assert await store.enqueue_job("ft-0", 0) is False  # max 0: always full
+    for i in range(3):
+        assert await store.enqueue_job(f"ft-{i}", 3) is True
+    assert await store.enqueue_job("ft-3", 3) is False
+    assert await store.queued_count() == 3
+    assert await store.dequeue_job(0.5) == "ft-0"
+    assert await store.enqueue_job("ft-3", 3) is True  # room again
+    assert await drain(store) == ["ft-1", "ft-2", "ft-3"]
+    assert await store.queued_count() == 0
+
+    results = await asyncio.gather(*(store.enqueue_job(f"ft-c{i}", 5) for i in range(12)))
+    assert sum(results) == 5  # the check and the push are one step
+    assert await store.queued_count() == 5
+
+
+async def test_dequeue_waits_for_a_job_or_times_out(store: UserStore) -> None:
+    started = time.monotonic()
+    assert await store.dequeue_job(0.2) is None
+    assert 0.15 <= time.monotonic() - started < 2
+
+    waiting = asyncio.create_task(store.dequeue_job(5))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    pushed = time.monotonic()
+    assert await store.enqueue_job("ft-late", 10)
+    assert await asyncio.wait_for(waiting, timeout=5) == "ft-late"
+    assert time.monotonic() - pushed < 1
+    assert await store.queued_count() == 0
+
+
+async def test_concurrent_consumers_get_each_job_once(store: UserStore) -> None:
+    async def consume() -> list[str]:
+        got = []
+        while (job_id := await store.dequeue_job(0.3)) is not None:
+            got.append(job_id)
+            await asyncio.sleep(0)  # let the other consumer take its turn
+        return got
+
+    consumers = [asyncio.create_task(consume()) for _ in range(2)]
+    await asyncio.sleep(0.05)  # both are waiting now
+    jobs = [f"ft-{i}" for i in range(10)]
+    for job_id in jobs:
+        assert await store.enqueue_job(job_id, 100)
+    first, second = await asyncio.wait_for(asyncio.gather(*consumers), timeout=10)
+    assert sorted(first + second) == sorted(jobs)  # every job exactly once
+    assert first == sorted(first, key=jobs.index) and second == sorted(second, key=jobs.index)
+    assert await store.queued_count() == 0
+
+
+async def test_cancelled_dequeue_loses_no_job(store: UserStore) -> None:
+    """A consumer cancelled mid-pop (shutdown, asyncio.timeout) leaves the job queued or returns it."""
+    for i in range(20):
+        assert await store.enqueue_job(f"ft-{i}", 10)
+        consumer = asyncio.create_task(store.dequeue_job(1.0))
+        for _ in range(i % 4):
+            await asyncio.sleep(0)  # cancel at various points of the pop
+        consumer.cancel()
+        try:
+            delivered = [await consumer]
+        except asyncio.CancelledError:
+            delivered = []
+        assert delivered + await drain(store) == [f"ft-{i}"]
+
+
+async def test_delete_user_removes_jobs_slot_and_queued_ids(store: UserStore) -> None:
+    for user, prefix in ((USER, "ft-u"), ("bystander", "ft-b")):
+        await store.put_profile(user, ITEMS, None, None)
+        for i, status in enumerate(("queued", "queued", "failed")):
+            await store.put_job(f"{prefix}{i}", job(f"{prefix}{i}", user, status))
+        assert await store.claim_active_job(user, f"{prefix}0") is None
+    for job_id in ("ft-u0", "ft-b0", "ft-u1", "ft-b1"):
+        assert await store.enqueue_job(job_id, 10)
+    assert await store.enqueue_job("ft-unknown", 10)  # an id without a record stays
+
+    assert await store.delete_user(USER) is True
+    assert await store.get_job("ft-u0") is None
+    assert await store.list_jobs(user_id=USER) == []
+    assert [j["job_id"] for j in await store.list_jobs()] == ["ft-b0", "ft-b1", "ft-b2"]
+    assert await store.claim_active_job(USER, "ft-new") is None  # the slot was freed
+    assert await store.claim_active_job("bystander", "ft-x") == "ft-b0"
+    assert await drain(store) == ["ft-b0", "ft-b1", "ft-unknown"]
+
+    # Jobs of a user without a profile go too (delete_user then answers False).
+    await store.put_job("ft-orphan", job("ft-orphan", "ghost", "running"))
+    assert await store.enqueue_job("ft-orphan", 10)
+    assert await store.claim_active_job("ghost", "ft-orphan") is None
+    assert await store.delete_user("ghost") is False
+    assert await store.get_job("ft-orphan") is None
+    assert await store.queued_count() == 0
+    assert await store.claim_active_job("ghost", "ft-next") is None
+
+
+async def test_jobs_survive_restart(reopen: StoreOpener) -> None:
+    first = reopen()
+    records = [job("ft-1", USER, "running", step=2), job("ft-2", "bystander")]
+    for record in records:
+        await first.put_job(record["job_id"], record)
+    assert await first.claim_active_job(USER, "ft-1") is None
+    for job_id in ("ft-2", "ft-3"):
+        assert await first.enqueue_job(job_id, 10)
+    await first.close()
+
+    second = reopen()
+    assert_same_items(await second.list_jobs(), records)
+    assert_same_items(await second.get_job("ft-1"), records[0])
+    assert await second.claim_active_job(USER, "ft-9") == "ft-1"
+    assert await second.queued_count() == 2
+    assert await second.dequeue_job(0.5) == "ft-2"
+    await second.put_job("ft-0", job("ft-0", USER))  # created later, listed later
+    assert [j["job_id"] for j in await second.list_jobs()] == ["ft-1", "ft-2", "ft-0"]
+
+
+async def test_closed_store_refuses_job_calls(store: UserStore) -> None:
+    await store.close()
+    for call in (store.get_job("ft-1"), store.enqueue_job("ft-1", 1), store.dequeue_job(0.1), store.queued_count()):
+        with pytest.raises(StoreError):
+            await call
+
+
 @pytest.mark.parametrize(
     ("items", "vector", "model"),
     [
@@ -328,8 +549,23 @@ async def test_invalid_keys_are_rejected(store: UserStore) -> None:
 
 async def test_redis_unreachable_fails_fast() -> None:
     store = RedisUserStore(f"redis://127.0.0.1:{free_port()}/0", key_prefix="mta-test-closed:")
+    calls = (
+        store.ping(),
+        store.get_user("u"),
+        store.put_profile("u", [], None, None),
+        store.count_users(),
+        store.put_job("ft-1", job("ft-1")),
+        store.get_job("ft-1"),
+        store.list_jobs(["running"]),
+        store.claim_active_job("u", "ft-1"),
+        store.release_active_job("u", "ft-1"),
+        store.enqueue_job("ft-1", 10),
+        store.dequeue_job(0),
+        store.dequeue_job(0.5),
+        store.queued_count(),
+    )
     try:
-        for call in (store.ping(), store.get_user("u"), store.put_profile("u", [], None, None), store.count_users()):
+        for call in calls:
             started = time.monotonic()
             with pytest.raises(StoreUnavailable, match="Redis user store"):
                 await call
@@ -351,6 +587,11 @@ async def test_redis_outage_then_recovery_with_the_same_store(private_redis_serv
             store.put_blob("u", LORA, b"y"),
             store.delete_user("u"),
             store.ping(),
+            store.put_job("ft-1", job("ft-1", "u")),
+            store.claim_active_job("u", "ft-1"),
+            store.enqueue_job("ft-1", 10),
+            store.dequeue_job(0.5),
+            store.queued_count(),
         ):
             started = time.monotonic()
             with pytest.raises(StoreUnavailable):
@@ -363,6 +604,8 @@ async def test_redis_outage_then_recovery_with_the_same_store(private_redis_serv
         assert (await store.put_profile("u", ITEMS, None, None)).profile_version == 1
         assert await store.put_blob("u", LORA, b"z") > 0  # script re-loaded after NOSCRIPT
         assert await store.set_embedding("u", embedding(), MODEL, expected_profile_version=1)
+        assert await store.enqueue_job("ft-1", 10)  # scripts and the blocking pool recover too
+        assert await store.dequeue_job(0.5) == "ft-1"
     finally:
         await store.close()
 
@@ -379,10 +622,33 @@ async def test_redis_hung_server_times_out(private_redis_server: RedisServer) ->
         with pytest.raises(StoreUnavailable, match="Timeout"):
             await asyncio.wait_for(store.get_user("u"), timeout=10)
         assert time.monotonic() - started < 3
+        # The blocking pop has no socket timeout of its own: its guard is timeout + 0.5 s.
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(store.dequeue_job(0.3), timeout=10)
+        assert time.monotonic() - started < 3
         os.kill(pid, signal.SIGCONT)
         assert (await store.get_user("u")).profile_version == 1
+        assert await store.enqueue_job("ft-1", 10)
+        assert await store.dequeue_job(0.3) == "ft-1"
     finally:
         os.kill(pid, signal.SIGCONT)
+        await store.close()
+
+
+async def test_redis_blocking_pop_outlasts_the_socket_timeout(redis_url: str, redis_key_prefix: str) -> None:
+    """BLPOP waits its full timeout even when that exceeds the socket timeout (0.3 s here)."""
+    store = RedisUserStore(redis_url, key_prefix=redis_key_prefix, timeout=0.3)
+    try:
+        started = time.monotonic()
+        assert await store.dequeue_job(1.0) is None
+        assert 0.9 <= time.monotonic() - started < 3
+        waiting = asyncio.create_task(store.dequeue_job(2.0))
+        await asyncio.sleep(0.8)
+        assert await store.get_user("u") is None  # other calls are not stuck behind the waiting pop
+        assert await store.enqueue_job("ft-1", 10)
+        assert await asyncio.wait_for(waiting, timeout=5) == "ft-1"
+    finally:
         await store.close()
 
 

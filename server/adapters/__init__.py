@@ -17,6 +17,7 @@ from .math import (
 from .peft_io import (
     AdapterFormatError,
     adapter_from_bytes,
+    adapter_metadata,
     adapter_to_bytes,
     load_adapter,
     lora_from_peft_model,
@@ -29,6 +30,7 @@ __all__ = [
     "FusionError",
     "LoraWeights",
     "adapter_from_bytes",
+    "adapter_metadata",
     "adapter_to_bytes",
     "check_fusion_plan",
     "fold_scaling",

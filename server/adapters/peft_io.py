@@ -239,10 +239,18 @@ def _move_into_place(new: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def adapter_to_bytes(lora: LoraWeights) -> bytes:
-    """Serialize as float32 safetensors bytes, rank and scaling in the metadata (for a DB)."""
-    metadata = {"rank": str(lora.rank), "scaling": repr(lora.scaling)}
+def adapter_to_bytes(lora: LoraWeights, extra: dict[str, str] | None = None) -> bytes:
+    """Serialize as float32 safetensors bytes, rank and scaling (and `extra`) in the metadata (for a DB)."""
+    metadata = {**(extra or {}), "rank": str(lora.rank), "scaling": repr(lora.scaling)}
     return save(_peft_tensors(lora, torch.float32), metadata=metadata)
+
+
+def adapter_metadata(data: bytes) -> dict[str, str]:
+    """The metadata of `adapter_to_bytes` output, without reading the tensors."""
+    try:
+        return _safetensors_metadata(data)
+    except (struct.error, ValueError) as e:
+        raise _fail("adapter bytes", [f"not a safetensors blob ({e})"]) from e
 
 
 def adapter_from_bytes(data: bytes, scaling: float | None = None) -> LoraWeights:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -13,11 +14,12 @@ from fastapi import FastAPI, Request
 from server.adapter_cache import AdapterCache
 from server.api.deps import Services
 from server.api.errors import error_response, install_error_handlers
-from server.api.routes import admin, generate, health, openai_compat, users
+from server.api.routes import admin, finetune, generate, health, openai_compat, users
 from server.bank.registry import BankRegistry
 from server.defaults import resolve_bank_path, resolve_model
 from server.engine import Engine
 from server.generation import Generator
+from server.jobs import JobRunner, JobService
 from server.metrics import Metrics
 from server.personalize import Personalizer
 from server.settings import Settings
@@ -26,7 +28,7 @@ from server.store import open_store
 log = logging.getLogger(__name__)
 
 
-async def build_services(settings: Settings) -> Services:
+async def build_services(settings: Settings) -> tuple[Services, JobRunner | None]:
     """Everything the routes need, in dependency order; the engine last (slowest)."""
     from transformers import AutoTokenizer
 
@@ -44,7 +46,9 @@ async def build_services(settings: Settings) -> Services:
     engine.start()
     personalizer = Personalizer(settings, store, banks, cache, metrics)
     generator = Generator(settings, engine, personalizer, tokenizer, metrics)
-    return Services(settings, store, banks, cache, engine, personalizer, generator, metrics)
+    jobs = JobService(settings, store, personalizer)
+    runner = JobRunner(settings, store, personalizer, model_path) if settings.finetune_runner == "inprocess" else None
+    return Services(settings, store, banks, cache, engine, personalizer, generator, jobs, metrics), runner
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -53,15 +57,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            services = await build_services(settings)
+            services, runner = await build_services(settings)
         except Exception as e:
             log.error("mta serve cannot start: %s", e)  # uvicorn then exits with status 3
             raise
         app.state.services = services
+        stop = asyncio.Event()
+        runner_task = None
+        if runner is not None:  # embedded default: fine-tunes run in this process
+            if failed := await runner.recover(all_running=True):
+                log.warning("%d fine-tune job(s) interrupted by the last shutdown were marked failed", failed)
+            runner_task = asyncio.create_task(runner.run_forever(stop), name="finetune-runner")
         log.info("ready: model %s, bank %s", services.engine.model_id, services.banks.current.version)
         try:
             yield
         finally:
+            stop.set()
+            if runner is not None and runner_task is not None:
+                runner.interrupt()
+                try:
+                    await asyncio.wait_for(runner_task, timeout=30)
+                except (TimeoutError, asyncio.CancelledError):
+                    log.warning("fine-tune runner did not stop in time")
             services.engine.shutdown()
             await services.store.close()
 
@@ -88,6 +105,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services.metrics.latency.labels(route=name).observe(time.perf_counter() - start)
         return response
 
-    for module in (generate, openai_compat, users, admin, health):
+    for module in (generate, openai_compat, users, finetune, admin, health):
         app.include_router(module.router)
     return app

@@ -13,6 +13,7 @@ from server.bank.registry import BankRegistry
 from server.engine import Engine
 from server.errors import Forbidden, Unauthorized
 from server.generation import Generator
+from server.jobs import JobService
 from server.metrics import Metrics
 from server.personalize import Personalizer
 from server.settings import Settings
@@ -28,6 +29,7 @@ class Services:
     engine: Engine
     personalizer: Personalizer
     generator: Generator
+    jobs: JobService
     metrics: Metrics
 
 

@@ -96,7 +96,10 @@ class GenerateResponse(BaseModel):
     anchors: list[AnchorWeight]
     bank_version: str
     fusion_mode: str | None
-    stacked: bool
+    stacked: bool = Field(description="A stacked LoRA is served on top of the fused adapter.")
+    stacked_version: int | None = None
+    stacked_bank_version: str | None = Field(None, description="Bank the stacked LoRA was trained against.")
+    stacked_stale: bool = Field(False, description="Stacked LoRA from another bank: not served; fine-tune again.")
     adapter: AdapterInfo | None
     usage: Usage
 
@@ -115,6 +118,21 @@ class UserView(BaseModel):
     bank_version: str
     fusion_mode: str
     anchors: list[dict[str, Any]] = Field(description="Nearest anchors: id, similarity, fusion weight.")
+    stacked: dict[str, Any] | None = Field(None, description="The stored stacked LoRA: version, bank_version, stale, bytes.")
+    stored_bytes: dict[str, int] = Field(description="Bytes stored for this user: profile, embedding, stacked LoRA.")
+
+
+class FinetuneExample(_Strict):
+    input: str = Field(description="The instruction, as a user would send it to /generate.")
+    output: str = Field(description="The answer the user expects.")
+
+
+class FinetuneRequest(_Strict):
+    examples: list[FinetuneExample]
+    epochs: int | None = Field(None, ge=1, le=20, description="Default MTA_FINETUNE_EPOCHS (paper: 1).")
+    rank: int | None = Field(None, ge=1, le=16, description="Stacked LoRA rank; default MTA_FINETUNE_RANK (paper: 4).")
+    learning_rate: float | None = Field(None, gt=0, le=1, description="Default MTA_FINETUNE_LEARNING_RATE (5e-5).")
+    add_to_profile: bool = Field(False, description="Also append the examples to the user's profile (used by fusion).")
 
 
 class ReloadRequest(_Strict):

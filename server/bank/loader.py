@@ -89,6 +89,12 @@ def _check_lora_shapes(anchor_id: str, lora: LoraWeights, model_config: dict[str
     return problems
 
 
+def fused_rank(ranks: list[int], mode: str, top_k: int) -> int:
+    """Largest rank a fused adapter can have: linear keeps the anchors' rank, cat adds the top-k ranks."""
+    ranks = sorted(ranks, reverse=True)
+    return ranks[0] if mode == "linear" else sum(ranks[:top_k])
+
+
 def read_manifest(path: Path) -> BankManifest:
     file = path / MANIFEST_FILE
     if not path.is_dir():
@@ -164,18 +170,15 @@ def load_bank(
 
     mode = fusion_mode or manifest.fusion.mode
     k = min(top_k or manifest.fusion.top_k, len(manifest.anchors))
-    ranks = sorted(a.rank for a in manifest.anchors)
+    ranks = [a.rank for a in manifest.anchors]
     if mode == "linear":
         if len(set(ranks)) > 1:
             problems.append(f"linear fusion needs one rank for all anchors, the bank has ranks {sorted(set(ranks))}")
         if len({tuple(sorted(a.target_modules)) for a in manifest.anchors}) > 1:
             problems.append("linear fusion needs the same target modules for all anchors")
-        fused_rank = ranks[-1]
-    else:
-        fused_rank = sum(ranks[-k:])
-    if fused_rank > max_lora_rank:
+    if (rank := fused_rank(ranks, mode, k)) > max_lora_rank:
         problems.append(
-            f"{mode} fusion of top-{k} anchors gives rank {fused_rank} > max_lora_rank {max_lora_rank}"
+            f"{mode} fusion of top-{k} anchors gives rank {rank} > max_lora_rank {max_lora_rank}"
             " (raise MTA_MAX_LORA_RANK or lower MTA_TOP_K)"
         )
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.bank.loader import Bank, BankError, load_bank, read_manifest
+from server.bank.loader import Bank, BankError, fused_rank, load_bank, read_manifest
 from server.embedding import Embedder, resolve_embedding_model
 from server.prompts import render_item
 from server.settings import Settings
@@ -29,6 +29,10 @@ class ServedBank:
     @property
     def version(self) -> str:
         return self.bank.version
+
+    @property
+    def fused_rank(self) -> int:
+        return fused_rank([a.rank for a in self.bank.manifest.anchors], self.mode, self.top_k)
 
     @property
     def embedding_model(self) -> str:

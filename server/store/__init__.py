@@ -1,4 +1,5 @@
-"""Per-user state (profile, embedding, blobs such as the stacked LoRA) behind one protocol.
+"""Per-user state (profile, embedding, blobs such as the stacked LoRA) and fine-tune jobs
+(records, one active job per user, a FIFO queue) behind one protocol.
 
 `open_store(url)` picks the backend from the URL scheme:
     sqlite:///relative/path.db, sqlite:////absolute/path.db   embedded SQLite (default)
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import StoreError, StoreUnavailable, UserNotFound, UserRecord, UserStore, redact_url
+from .base import JOB_STATUSES, StoreError, StoreUnavailable, UserNotFound, UserRecord, UserStore, redact_url
 from .redis import RedisUserStore
 from .sqlite import SQLiteUserStore
 
 __all__ = [
+    "JOB_STATUSES",
     "RedisUserStore",
     "SQLiteUserStore",
     "StoreError",

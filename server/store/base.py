@@ -8,8 +8,10 @@ from the other and both reject the same bad input.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
@@ -24,6 +26,10 @@ EMBEDDING_DTYPE = np.dtype("<f4")
 # key `blob:{user_id}:{name}` unambiguous even when a user id contains ":".
 _BLOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_USER_ID_CHARS = 512
+MAX_JOB_ID_CHARS = 256
+
+# A fine-tune job's life: queued -> running -> succeeded | failed.
+JOB_STATUSES = frozenset({"queued", "running", "succeeded", "failed"})
 
 
 class StoreError(Exception):
@@ -78,7 +84,8 @@ class UserStore(Protocol):
         ...
 
     async def delete_user(self, user_id: str) -> bool:
-        """Remove the profile and all the user's blobs atomically; False if there was no profile."""
+        """Remove the profile, all the user's blobs, job records, active-job slot and queued job ids
+        atomically; False if there was no profile (the rest is removed anyway)."""
         ...
 
     async def put_blob(self, user_id: str, name: str, data: bytes) -> int:
@@ -90,6 +97,45 @@ class UserStore(Protocol):
     async def delete_blob(self, user_id: str, name: str) -> bool: ...
 
     async def count_users(self) -> int: ...
+
+    # --- fine-tune jobs: records, one active job per user, a FIFO queue of job ids ----
+
+    async def put_job(self, job_id: str, data: dict[str, Any]) -> None:
+        """Upsert a job record: a JSON object with this `job_id`, a `user_id`, a `status` (one of
+        `JOB_STATUSES`) and free fields. A job keeps its user and its place in the creation order:
+        if `job_id` already belongs to another user, nothing is written and `ValueError` is raised
+        (the one `ValueError` found by the store, not before I/O). No profile is needed, so a job
+        finishing after `delete_user` re-creates its record."""
+        ...
+
+    async def get_job(self, job_id: str) -> dict[str, Any] | None: ...
+
+    async def list_jobs(
+        self, statuses: Collection[str] | None = None, user_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Job records in creation order, optionally only those with one of `statuses` / of `user_id`."""
+        ...
+
+    async def claim_active_job(self, user_id: str, job_id: str) -> str | None:
+        """Take the user's single active-job slot atomically: None if `job_id` now holds it (also
+        when it already did), else the job id holding it."""
+        ...
+
+    async def release_active_job(self, user_id: str, job_id: str) -> bool:
+        """Free the slot only if `job_id` holds it (compare-and-delete); whether it did."""
+        ...
+
+    async def enqueue_job(self, job_id: str, max_queued: int) -> bool:
+        """Append to the FIFO queue unless it holds `max_queued` ids already (atomic); False = full."""
+        ...
+
+    async def dequeue_job(self, timeout: float) -> str | None:
+        """Pop the oldest job id, waiting up to `timeout` seconds (0: do not wait); None if none came.
+        Each id goes to exactly one of any number of concurrent consumers. An id may outlive its
+        record (`delete_user` racing `enqueue_job`): check `get_job` before running it."""
+        ...
+
+    async def queued_count(self) -> int: ...
 
     async def ping(self) -> None: ...
 
@@ -117,17 +163,52 @@ def check_blob_data(data: bytes) -> bytes:
     return bytes(data)
 
 
+def check_job_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not job_id or len(job_id) > MAX_JOB_ID_CHARS or not job_id.isprintable():
+        raise ValueError(f"job_id must be a non-empty printable string of at most {MAX_JOB_ID_CHARS} characters")
+    return job_id
+
+
+def check_job_statuses(statuses: Collection[str] | None) -> frozenset[str] | None:
+    """None (any status) or a set of known statuses; a bare string is refused, not split into letters."""
+    if statuses is None:
+        return None
+    if isinstance(statuses, (str, bytes)) or not all(isinstance(status, str) for status in statuses):
+        raise ValueError(f"statuses must be a collection of status strings, got {statuses!r}")
+    wanted = frozenset(statuses)
+    if unknown := wanted - JOB_STATUSES:
+        raise ValueError(f"unknown job status(es) {sorted(unknown)}: expected some of {sorted(JOB_STATUSES)}")
+    return wanted
+
+
+def check_max_queued(max_queued: int) -> int:
+    if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 0:
+        raise ValueError(f"max_queued must be a non-negative integer, got {max_queued!r}")
+    return max_queued
+
+
+def check_timeout(timeout: float) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout < 0:
+        raise ValueError(f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
+    return float(timeout)
+
+
 # --- (de)serialisation shared by both backends ------------------------------------
+
+
+def _encode_json(value: Any, what: str) -> str:
+    """Compact JSON text, exactly reversible (no NaN/Infinity, which are not JSON)."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} are not JSON-serialisable: {e}") from e
 
 
 def encode_items(items: list[dict[str, Any]]) -> str:
     """Items as compact JSON text. Accepted as they are: only the shape is checked."""
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
         raise ValueError("items must be a list of JSON objects")
-    try:
-        return json.dumps(items, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"items are not JSON-serialisable: {e}") from e
+    return _encode_json(items, "items")
 
 
 def decode_items(text: str | bytes) -> list[dict[str, Any]]:
@@ -203,6 +284,33 @@ def decode_record(
         profile_version=int(profile_version),
         updated_at=float(updated_at),
     )
+
+
+@dataclass(frozen=True)
+class EncodedJob:
+    """A validated job record in its stored form; `user_id` and `status` are copied out for indexing."""
+
+    job_id: str
+    user_id: str
+    status: str
+    data: str  # JSON object
+
+
+def encode_job(job_id: str, data: dict[str, Any]) -> EncodedJob:
+    check_job_id(job_id)
+    if not isinstance(data, dict):
+        raise ValueError(f"a job record must be a JSON object, got {type(data).__name__}")
+    if data.get("job_id") != job_id:
+        raise ValueError(f"the job record's job_id {data.get('job_id')!r} is not {job_id!r}")
+    user_id = check_user_id(data.get("user_id"))  # type: ignore[arg-type]
+    status = data.get("status")
+    if status not in JOB_STATUSES:
+        raise ValueError(f"job status must be one of {sorted(JOB_STATUSES)}, got {status!r}")
+    return EncodedJob(job_id, user_id, status, _encode_json(data, "job fields"))
+
+
+def decode_job(data: str | bytes) -> dict[str, Any]:
+    return json.loads(data)
 
 
 def redact_url(url: str) -> str:

@@ -6,16 +6,29 @@ Keys (all under `key_prefix`):
     blobs:{id}        set   the user's blob names, so `delete_user` finds every blob
     users             set   user ids, for `count_users`
     blob_version      int   store-wide blob version counter (versions are never reused)
+    job:{job_id}      hash  user_id, status, data (the record as JSON)
+    jobs              zset  every job id, scored by creation sequence number
+    user_jobs:{id}    zset  the user's job ids, same scores, so `delete_user` finds every job
+    job_seq           int   job creation counter
+    active_job:{id}   str   the job id holding the user's active-job slot
+    job_queue         list  queued job ids, oldest first (RPUSH, BLPOP)
 
 Read-modify-write steps are atomic: MULTI/EXEC for `put_profile`, `delete_blob` and
-`delete_user` (WATCHing the blob-name set), Lua for the compare-and-set `set_embedding`
-and for `put_blob` (which must see the user exist and bump the counter in one step).
+`delete_user` (WATCHing the blob-name and job sets), Lua for the compare-and-set
+`set_embedding`, for `put_blob` (which must see the user exist and bump the counter in
+one step), `put_job`, the active-job slot and the bounded `enqueue_job`.
+
+`dequeue_job` is a BLPOP, which waits longer than the 2 s socket timeout may allow: it
+runs on a second connection pool without a socket timeout, bounded instead by
+`asyncio.timeout(timeout + socket timeout)` around the call (redis-py closes a connection
+whose read is cancelled, so the server drops the pending BLPOP with it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,12 +48,21 @@ from .base import (
     UserRecord,
     check_blob_data,
     check_blob_name,
+    check_job_id,
+    check_job_statuses,
+    check_max_queued,
+    check_timeout,
     check_user_id,
+    decode_job,
     decode_record,
     encode_embedding,
+    encode_job,
     encode_profile,
     redact_url,
 )
+
+# Shorter waits do not block: see `dequeue_job`.
+_MIN_BLOCKING_TIMEOUT = 0.01
 
 _USER_FIELDS = ("items", "embedding", "embedding_model", "profile_version", "updated_at")
 
@@ -61,6 +83,41 @@ redis.call('SADD', KEYS[3], ARGV[1])
 return version
 """
 
+# KEYS: job hash, all-jobs zset, user-jobs zset, job counter. ARGV: job_id, user_id, status, data.
+# Returns 1, or 0 when the job exists under another user (nothing written).
+_PUT_JOB = """
+local owner = redis.call('HGET', KEYS[1], 'user_id')
+if owner and owner ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'user_id', ARGV[2], 'status', ARGV[3], 'data', ARGV[4])
+if not owner then
+    local seq = redis.call('INCR', KEYS[4])
+    redis.call('ZADD', KEYS[2], seq, ARGV[1])
+    redis.call('ZADD', KEYS[3], seq, ARGV[1])
+end
+return 1
+"""
+
+# KEYS: active-job key. ARGV: job_id. Returns the other holder, or nil when ARGV[1] holds the slot.
+_CLAIM_ACTIVE_JOB = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return holder end
+redis.call('SET', KEYS[1], ARGV[1])
+return false
+"""
+
+# KEYS: active-job key. ARGV: job_id.
+_RELEASE_ACTIVE_JOB = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
+# KEYS: queue list. ARGV: job_id, max_queued.
+_ENQUEUE_JOB = """
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+return 1
+"""
+
 
 class RedisUserStore:
     """`UserStore` in Redis. Connects lazily; the pool reconnects after an outage by itself."""
@@ -68,20 +125,22 @@ class RedisUserStore:
     def __init__(self, url: str, key_prefix: str = "mta:", *, timeout: float = 2.0) -> None:
         self.key_prefix = key_prefix
         self._where = f"Redis user store {redact_url(url)} (prefix {key_prefix!r})"
+        self._timeout = timeout
         # Short socket timeouts: a hung or unreachable Redis fails within about `timeout`
         # (2 * timeout if unreachable: connect, retry connect) instead of hanging. One quick
         # retry on connection errors only replaces a pooled connection that died while
         # Redis restarted; timeouts are not retried (the command may have been applied).
-        self._redis: aioredis.Redis | None = aioredis.Redis.from_url(
-            url,
-            decode_responses=False,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1, supported_errors=(RedisConnectionError,)),
-            health_check_interval=30,
-        )
+        self._redis: aioredis.Redis | None = _connect(url, timeout, socket_timeout=timeout)
+        # Blocking pops only: no socket timeout, so a BLPOP may wait longer than `timeout`;
+        # `dequeue_job` bounds each call itself. Separate pool: a waiting consumer holds a
+        # connection that the other calls must not queue behind.
+        self._blocking: aioredis.Redis | None = _connect(url, timeout, socket_timeout=None)
         self._set_embedding = self._redis.register_script(_SET_EMBEDDING)
         self._put_blob = self._redis.register_script(_PUT_BLOB)
+        self._put_job = self._redis.register_script(_PUT_JOB)
+        self._claim_active_job = self._redis.register_script(_CLAIM_ACTIVE_JOB)
+        self._release_active_job = self._redis.register_script(_RELEASE_ACTIVE_JOB)
+        self._enqueue_job = self._redis.register_script(_ENQUEUE_JOB)
 
     def __repr__(self) -> str:
         return f"RedisUserStore({self._where})"
@@ -130,18 +189,25 @@ class RedisUserStore:
     async def delete_user(self, user_id: str) -> bool:
         check_user_id(user_id)
         names_key = self._blob_names_key(user_id)
+        jobs_key = self._user_jobs_key(user_id)
 
         async def delete(pipe: Pipeline) -> None:
-            # WATCH (by `transaction`) on the name set: a blob added meanwhile retries this.
+            # WATCH (by `transaction`) on the name and job sets: a blob or job added meanwhile retries this.
             names = await pipe.smembers(names_key)
+            job_ids = [job_id.decode() for job_id in await pipe.zrange(jobs_key, 0, -1)]
             pipe.multi()
             pipe.delete(self._user_key(user_id))
             pipe.delete(names_key, *(self._blob_key(user_id, name.decode()) for name in names))
             pipe.srem(self._users_key, user_id)
+            pipe.delete(jobs_key, self._active_job_key(user_id), *map(self._job_key, job_ids))
+            if job_ids:
+                pipe.zrem(self._jobs_key, *job_ids)
+            for job_id in job_ids:
+                pipe.lrem(self._queue_key, 0, job_id)
 
         with self._errors():
-            deleted_profile, _, _ = await self._client().transaction(delete, names_key)
-        return deleted_profile == 1
+            results = await self._client().transaction(delete, names_key, jobs_key)
+        return results[0] == 1
 
     async def put_blob(self, user_id: str, name: str, data: bytes) -> int:
         check_user_id(user_id)
@@ -180,6 +246,102 @@ class RedisUserStore:
         with self._errors():
             return await self._client().scard(self._users_key)
 
+    async def put_job(self, job_id: str, data: dict[str, Any]) -> None:
+        job = encode_job(job_id, data)
+        keys = [self._job_key(job_id), self._jobs_key, self._user_jobs_key(job.user_id), self._job_seq_key]
+        with self._errors():
+            written = await self._put_job(
+                keys=keys, args=[job_id, job.user_id, job.status, job.data], client=self._client()
+            )
+        if written == 0:
+            raise ValueError(f"job {job_id!r} belongs to another user than {job.user_id!r}")
+
+    async def get_job(self, job_id: str) -> dict[str, Any] | None:
+        check_job_id(job_id)
+        with self._errors():
+            data = await self._client().hget(self._job_key(job_id), "data")
+        return None if data is None else decode_job(data)
+
+    async def list_jobs(
+        self, statuses: Collection[str] | None = None, user_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Statuses first, then only the matching records (which may be large: training examples)."""
+        wanted = check_job_statuses(statuses)
+        index = self._jobs_key if user_id is None else self._user_jobs_key(check_user_id(user_id))
+        if wanted is not None and not wanted:
+            return []
+        client = self._client()
+        with self._errors():
+            job_ids = [job_id.decode() for job_id in await client.zrange(index, 0, -1)]
+            if wanted is not None and job_ids:
+                async with client.pipeline(transaction=False) as pipe:
+                    for job_id in job_ids:
+                        pipe.hget(self._job_key(job_id), "status")
+                    found = await pipe.execute()
+                job_ids = [job_id for job_id, status in zip(job_ids, found) if status and status.decode() in wanted]
+            if not job_ids:
+                return []
+            async with client.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.hget(self._job_key(job_id), "data")
+                records = await pipe.execute()
+        # A job deleted (with its user) between the reads is skipped; one updated meanwhile is
+        # re-checked against the filter on its final record.
+        jobs = [decode_job(data) for data in records if data is not None]
+        return jobs if wanted is None else [job for job in jobs if job.get("status") in wanted]
+
+    async def claim_active_job(self, user_id: str, job_id: str) -> str | None:
+        check_user_id(user_id)
+        check_job_id(job_id)
+        with self._errors():
+            holder = await self._claim_active_job(
+                keys=[self._active_job_key(user_id)], args=[job_id], client=self._client()
+            )
+        return None if holder is None else holder.decode()
+
+    async def release_active_job(self, user_id: str, job_id: str) -> bool:
+        check_user_id(user_id)
+        check_job_id(job_id)
+        with self._errors():
+            released = await self._release_active_job(
+                keys=[self._active_job_key(user_id)], args=[job_id], client=self._client()
+            )
+        return released == 1
+
+    async def enqueue_job(self, job_id: str, max_queued: int) -> bool:
+        check_job_id(job_id)
+        check_max_queued(max_queued)
+        with self._errors():
+            pushed = await self._enqueue_job(keys=[self._queue_key], args=[job_id, max_queued], client=self._client())
+        return pushed == 1
+
+    async def dequeue_job(self, timeout: float) -> str | None:
+        """BLPOP on the blocking pool. BLPOP's 0 means forever (as may a timeout that Redis
+        rounds to 0 ms), so a wait under `_MIN_BLOCKING_TIMEOUT` is a plain LPOP instead.
+
+        If Redis does not answer within `timeout` + the socket timeout the call is cancelled,
+        which closes its connection (the server then drops the pending BLPOP), and raises
+        `StoreUnavailable`. Only a pop the server made but could not deliver before that is lost.
+        """
+        timeout = check_timeout(timeout)
+        if timeout < _MIN_BLOCKING_TIMEOUT:
+            with self._errors():
+                job_id = await self._client().lpop(self._queue_key)
+            return None if job_id is None else job_id.decode()
+        if self._blocking is None:
+            raise StoreError(f"{self!r} is closed")
+        with self._errors():
+            try:
+                async with asyncio.timeout(timeout + self._timeout):
+                    popped = await self._blocking.blpop([self._queue_key], timeout=timeout)
+            except TimeoutError as e:  # asyncio's, not redis-py's
+                raise StoreUnavailable(f"{self._where} is unavailable: BLPOP got no answer in time") from e
+        return None if popped is None else popped[1].decode()
+
+    async def queued_count(self) -> int:
+        with self._errors():
+            return await self._client().llen(self._queue_key)
+
     async def ping(self) -> None:
         with self._errors():
             await self._client().ping()
@@ -187,8 +349,10 @@ class RedisUserStore:
     async def close(self) -> None:
         """Idempotent; later calls raise `StoreError`."""
         client, self._redis = self._redis, None
-        if client is not None:
-            await client.aclose()
+        blocking, self._blocking = self._blocking, None
+        for pool in (client, blocking):
+            if pool is not None:
+                await pool.aclose()
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -209,6 +373,27 @@ class RedisUserStore:
     def _blob_version_key(self) -> str:
         return f"{self.key_prefix}blob_version"
 
+    def _job_key(self, job_id: str) -> str:
+        return f"{self.key_prefix}job:{job_id}"
+
+    def _user_jobs_key(self, user_id: str) -> str:
+        return f"{self.key_prefix}user_jobs:{user_id}"
+
+    def _active_job_key(self, user_id: str) -> str:
+        return f"{self.key_prefix}active_job:{user_id}"
+
+    @property
+    def _jobs_key(self) -> str:
+        return f"{self.key_prefix}jobs"
+
+    @property
+    def _job_seq_key(self) -> str:
+        return f"{self.key_prefix}job_seq"
+
+    @property
+    def _queue_key(self) -> str:
+        return f"{self.key_prefix}job_queue"
+
     def _client(self) -> aioredis.Redis:
         if self._redis is None:
             raise StoreError(f"{self!r} is closed")
@@ -223,3 +408,15 @@ class RedisUserStore:
             raise StoreUnavailable(f"{self._where} is unavailable: {type(e).__name__}: {e}") from e
         except RedisError as e:
             raise StoreError(f"{self._where}: {type(e).__name__}: {e}") from e
+
+
+def _connect(url: str, connect_timeout: float, *, socket_timeout: float | None) -> aioredis.Redis:
+    """A lazily connecting client; one quick retry replaces a connection that died in a restart."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1, supported_errors=(RedisConnectionError,)),
+        health_check_interval=30,
+    )

@@ -3,6 +3,10 @@
 One connection guarded by a `threading.Lock`; every call runs in a worker thread
 (`asyncio.to_thread`) so the event loop never blocks on disk, and the lock makes
 concurrent async callers safe. Multi-row changes run in `BEGIN IMMEDIATE` transactions.
+
+The job queue is a table; `dequeue_job` polls it every `_POLL_INTERVAL` seconds with
+`asyncio.sleep` in between (SQLite has no blocking pop), taking the write lock only
+when the queue is not empty.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,9 +29,15 @@ from .base import (
     UserRecord,
     check_blob_data,
     check_blob_name,
+    check_job_id,
+    check_job_statuses,
+    check_max_queued,
+    check_timeout,
     check_user_id,
+    decode_job,
     decode_record,
     encode_embedding,
+    encode_job,
     encode_profile,
 )
 
@@ -54,6 +64,29 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             UNIQUE (user_id, name)
         )""",
     ),
+    (
+        # `seq` is the creation order; an upsert keeps the row, so a job keeps its place.
+        # No foreign key to users: a job finishing after `delete_user` may write its record.
+        """CREATE TABLE jobs (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            job_id TEXT NOT NULL UNIQUE,
+            user_id TEXT NOT NULL,
+            status TEXT NOT NULL,
+            data TEXT NOT NULL
+        )""",
+        "CREATE INDEX jobs_by_user ON jobs (user_id, seq)",
+        "CREATE INDEX jobs_by_status ON jobs (status, seq)",
+        """CREATE TABLE active_jobs (
+            user_id TEXT PRIMARY KEY,
+            job_id TEXT NOT NULL
+        )""",
+        # FIFO by `seq`; a job id may be queued more than once, as in a Redis list.
+        """CREATE TABLE job_queue (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            job_id TEXT NOT NULL
+        )""",
+        "CREATE INDEX job_queue_by_job ON job_queue (job_id)",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -73,6 +106,9 @@ _UNAVAILABLE_CODES = frozenset(
 )
 
 _USER_COLUMNS = "user_id, items, embedding, embedding_model, profile_version, updated_at"
+
+# How often an empty-queue `dequeue_job` looks again.
+_POLL_INTERVAL = 0.05
 
 
 class SQLiteUserStore:
@@ -141,11 +177,18 @@ class SQLiteUserStore:
         return await self._run(write)
 
     async def delete_user(self, user_id: str) -> bool:
-        """One DELETE; the foreign key's ON DELETE CASCADE removes the blobs with it."""
+        """One transaction; the foreign key's ON DELETE CASCADE removes the blobs with the profile."""
         check_user_id(user_id)
-        return await self._run(
-            lambda conn: conn.execute("DELETE FROM users WHERE user_id = ?", (user_id,)).rowcount == 1
-        )
+
+        def delete(conn: sqlite3.Connection) -> bool:
+            conn.execute(
+                "DELETE FROM job_queue WHERE job_id IN (SELECT job_id FROM jobs WHERE user_id = ?)", (user_id,)
+            )
+            conn.execute("DELETE FROM jobs WHERE user_id = ?", (user_id,))
+            conn.execute("DELETE FROM active_jobs WHERE user_id = ?", (user_id,))
+            return conn.execute("DELETE FROM users WHERE user_id = ?", (user_id,)).rowcount == 1
+
+        return await self._run(delete, transaction=True)
 
     async def put_blob(self, user_id: str, name: str, data: bytes) -> int:
         check_user_id(user_id)
@@ -184,6 +227,90 @@ class SQLiteUserStore:
     async def count_users(self) -> int:
         return await self._run(lambda conn: conn.execute("SELECT COUNT(*) FROM users").fetchone()[0])
 
+    async def put_job(self, job_id: str, data: dict[str, Any]) -> None:
+        job = encode_job(job_id, data)
+
+        def write(conn: sqlite3.Connection) -> int:
+            # The WHERE makes an upsert by another user a no-op (rowcount 0).
+            return conn.execute(
+                """INSERT INTO jobs (job_id, user_id, status, data) VALUES (?, ?, ?, ?)
+                   ON CONFLICT (job_id) DO UPDATE SET status = excluded.status, data = excluded.data
+                   WHERE user_id = excluded.user_id""",
+                (job.job_id, job.user_id, job.status, job.data),
+            ).rowcount
+
+        if await self._run(write) != 1:
+            raise ValueError(f"job {job_id!r} belongs to another user than {job.user_id!r}")
+
+    async def get_job(self, job_id: str) -> dict[str, Any] | None:
+        check_job_id(job_id)
+        row = await self._run(lambda conn: conn.execute("SELECT data FROM jobs WHERE job_id = ?", (job_id,)).fetchone())
+        return decode_job(row[0]) if row else None
+
+    async def list_jobs(
+        self, statuses: Collection[str] | None = None, user_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        wanted = check_job_statuses(statuses)
+        if user_id is not None:
+            check_user_id(user_id)
+        if wanted is not None and not wanted:
+            return []
+        where, params = ["1"], []
+        if wanted is not None:
+            where.append(f"status IN ({', '.join('?' * len(wanted))})")
+            params += sorted(wanted)
+        if user_id is not None:
+            where.append("user_id = ?")
+            params.append(user_id)
+        query = f"SELECT data FROM jobs WHERE {' AND '.join(where)} ORDER BY seq"
+        rows = await self._run(lambda conn: conn.execute(query, params).fetchall())
+        return [decode_job(row[0]) for row in rows]
+
+    async def claim_active_job(self, user_id: str, job_id: str) -> str | None:
+        check_user_id(user_id)
+        check_job_id(job_id)
+
+        def claim(conn: sqlite3.Connection) -> str:
+            conn.execute("INSERT OR IGNORE INTO active_jobs (user_id, job_id) VALUES (?, ?)", (user_id, job_id))
+            return conn.execute("SELECT job_id FROM active_jobs WHERE user_id = ?", (user_id,)).fetchone()[0]
+
+        holder = await self._run(claim, transaction=True)
+        return None if holder == job_id else holder
+
+    async def release_active_job(self, user_id: str, job_id: str) -> bool:
+        check_user_id(user_id)
+        check_job_id(job_id)
+        return await self._run(
+            lambda conn: conn.execute(
+                "DELETE FROM active_jobs WHERE user_id = ? AND job_id = ?", (user_id, job_id)
+            ).rowcount
+            == 1
+        )
+
+    async def enqueue_job(self, job_id: str, max_queued: int) -> bool:
+        check_job_id(job_id)
+        check_max_queued(max_queued)
+
+        def push(conn: sqlite3.Connection) -> bool:
+            if conn.execute("SELECT COUNT(*) FROM job_queue").fetchone()[0] >= max_queued:
+                return False
+            conn.execute("INSERT INTO job_queue (job_id) VALUES (?)", (job_id,))
+            return True
+
+        return await self._run(push, transaction=True)
+
+    async def dequeue_job(self, timeout: float) -> str | None:
+        deadline = time.monotonic() + check_timeout(timeout)
+        while True:
+            job_id = await self._pop_job()
+            remaining = deadline - time.monotonic()
+            if job_id is not None or remaining <= 0:
+                return job_id
+            await asyncio.sleep(min(_POLL_INTERVAL, remaining))
+
+    async def queued_count(self) -> int:
+        return await self._run(lambda conn: conn.execute("SELECT COUNT(*) FROM job_queue").fetchone()[0])
+
     async def ping(self) -> None:
         await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
 
@@ -199,6 +326,21 @@ class SQLiteUserStore:
         await asyncio.to_thread(close)
 
     # --- plumbing -------------------------------------------------------------------
+
+    async def _pop_job(self) -> str | None:
+        """One pop that a cancelled caller cannot lose: cancellation does not stop the worker
+        thread, so a job it popped meanwhile goes back to the front of the queue."""
+        pop = asyncio.ensure_future(self._run(_pop_job))
+        try:
+            return await asyncio.shield(pop)
+        except asyncio.CancelledError:
+            try:
+                job_id = await pop
+            except StoreError:
+                job_id = None  # the pop failed: nothing to give back
+            if job_id is not None:
+                await self._run(lambda conn: _requeue_job_first(conn, job_id), transaction=True)
+            raise
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T], *, transaction: bool = False) -> T:
         return await asyncio.to_thread(self._call, fn, transaction)
@@ -225,6 +367,25 @@ class SQLiteUserStore:
             raise StoreError(f"SQLite user store {self.path}: {e} ({name})") from e
         except OSError as e:  # creating the parent directory
             raise StoreUnavailable(f"SQLite user store {self.path} is unavailable: {e}") from e
+
+
+def _pop_job(conn: sqlite3.Connection) -> str | None:
+    """The oldest queued id, removed. A plain read first: an idle poll never takes the write lock."""
+    if conn.execute("SELECT 1 FROM job_queue LIMIT 1").fetchone() is None:
+        return None
+    with _transaction(conn):  # another process may have emptied the queue meanwhile: read again
+        row = conn.execute("SELECT seq, job_id FROM job_queue ORDER BY seq LIMIT 1").fetchone()
+        if row is None:
+            return None
+        conn.execute("DELETE FROM job_queue WHERE seq = ?", (row[0],))
+        return row[1]
+
+
+def _requeue_job_first(conn: sqlite3.Connection, job_id: str) -> None:
+    """Put a popped id back ahead of all others (explicit seqs below AUTOINCREMENT's are fine)."""
+    conn.execute(
+        "INSERT INTO job_queue (seq, job_id) SELECT COALESCE(MIN(seq), 1) - 1, ? FROM job_queue", (job_id,)
+    )
 
 
 @contextmanager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, Path, Response
 
 from server.api.deps import ServicesDep
@@ -16,6 +18,9 @@ UserIdPath = Path(pattern=USER_ID_PATTERN, description="Letters, digits and _.:@
 def _view(ctx: UserContext) -> dict:
     assert ctx.record is not None and ctx.plan is not None
     weights = dict(ctx.plan.anchors)
+    stacked = ctx.stacked
+    profile_bytes = len(json.dumps(ctx.record.items).encode())
+    embedding_bytes = ctx.record.embedding.nbytes if ctx.record.embedding is not None else 0
     return {
         "user_id": ctx.user_id,
         "profile_items": len(ctx.record.items),
@@ -24,6 +29,23 @@ def _view(ctx: UserContext) -> dict:
         "bank_version": ctx.served.version,
         "fusion_mode": ctx.plan.mode,
         "anchors": [{"id": a, "similarity": round(s, 6), "weight": weights.get(a, 0.0)} for a, s in ctx.plan.retrieved],
+        "stacked": (
+            {
+                "version": stacked.version,
+                "bank_version": stacked.bank_version,
+                "stale": ctx.stacked_stale,
+                "job_id": stacked.job_id,
+                "bytes": len(stacked.data),
+            }
+            if stacked
+            else None
+        ),
+        "stored_bytes": {
+            "profile": profile_bytes,
+            "embedding": embedding_bytes,
+            "stacked_lora": len(stacked.data) if stacked else 0,
+            "total": profile_bytes + embedding_bytes + (len(stacked.data) if stacked else 0),
+        },
     }
 
 

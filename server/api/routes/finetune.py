@@ -1,0 +1,37 @@
+"""Few-shot personalization (MTA stage 3): fine-tune jobs and the stored stacked LoRA."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Path, Response
+from fastapi.responses import JSONResponse
+
+from server.api.deps import ServicesDep
+from server.api.routes.users import UserIdPath
+from server.api.schemas import FinetuneRequest
+from server.jobs import FinetuneParams
+
+router = APIRouter(tags=["finetune"])
+
+
+@router.post("/users/{user_id}/finetune", status_code=202)
+async def finetune(body: FinetuneRequest, services: ServicesDep, user_id: str = UserIdPath) -> JSONResponse:
+    s = services.settings
+    params = FinetuneParams(
+        epochs=body.epochs or s.finetune_epochs,
+        rank=body.rank or s.finetune_rank,
+        learning_rate=body.learning_rate or s.finetune_learning_rate,
+    )
+    pairs = [(e.input, e.output) for e in body.examples]
+    job = await services.jobs.submit(user_id, pairs, params, body.add_to_profile)
+    return JSONResponse(job, status_code=202, headers={"Location": f"/jobs/{job['job_id']}"})
+
+
+@router.get("/jobs/{job_id}")
+async def get_job(services: ServicesDep, job_id: str = Path(pattern=r"^ft-[0-9a-f]{16}$")) -> dict:
+    return await services.jobs.get(job_id)
+
+
+@router.delete("/users/{user_id}/stacked", status_code=204)
+async def delete_stacked(services: ServicesDep, user_id: str = UserIdPath) -> Response:
+    await services.personalizer.delete_stacked(user_id)
+    return Response(status_code=204)

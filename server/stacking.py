@@ -1,0 +1,64 @@
+"""MTA stage 3: a user's ultra-low-rank stacked LoRA, trained on few examples over the fused adapter.
+
+Only this small LoRA is stored per user (as safetensors bytes in the user store). It is
+served by concatenating it onto the user's fused adapter (one adapter per request).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from server.adapters import LoraWeights, adapter_from_bytes, adapter_metadata, adapter_to_bytes
+from server.prompts import retrieve_top1, user_content
+from server.training import Example, TrainConfig, TrainResult, train_lora
+
+STACKED_BLOB = "stacked"
+
+
+@dataclass(frozen=True)
+class StackedBlob:
+    """A stored stacked LoRA: its store version, what it was trained against, and its bytes."""
+
+    version: int
+    bank_version: str
+    job_id: str
+    data: bytes
+
+    @classmethod
+    def parse(cls, version: int, data: bytes) -> StackedBlob:
+        meta = adapter_metadata(data)
+        return cls(version, meta.get("bank_version", ""), meta.get("job_id", ""), data)
+
+    def lora(self) -> LoraWeights:
+        return adapter_from_bytes(self.data)
+
+
+def stacked_to_bytes(lora: LoraWeights, *, bank_version: str, job_id: str) -> bytes:
+    return adapter_to_bytes(lora, extra={"bank_version": bank_version, "job_id": job_id})
+
+
+def training_examples(pairs: Sequence[tuple[str, str]], history: Sequence[str], rendered: Sequence[str]) -> list[Example]:
+    """(input, output) pairs as MTA prompts: each carries the BM25 top-1 profile item.
+
+    `rendered[i]` is pair i as a profile item would render; it is left out of pair i's
+    retrieval so an example added to the profile never retrieves its own answer.
+    """
+    out = []
+    for (instruction, answer), own in zip(pairs, rendered):
+        others = [h for h in history if h != own]
+        out.append(Example(prompt=user_content(instruction, retrieve_top1(others, instruction)), answer=answer))
+    return out
+
+
+def train_stacked(
+    model: Any,
+    tokenizer: Any,
+    fused: LoraWeights,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> TrainResult:
+    """Freeze base + fused adapter and train a new LoRA on top (the paper's LoRA stacking)."""
+    return train_lora(model, tokenizer, examples, config, base_adapter=fused, progress=progress)
