@@ -58,7 +58,7 @@ class GenerationResult:
             "stacked_stale": self.ctx.stacked_stale,
             "adapter": (
                 {"lora_int_id": self.lease.lora_int_id, "rank": self.lease.rank, "cache_hit": self.lease.cache_hit}
-                if self.lease
+                if self.lease and plan is not None
                 else None
             ),
         }

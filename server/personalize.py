@@ -9,7 +9,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from server.adapter_cache import AdapterCache
+import torch
+
+from server.adapter_cache import AdapterCache, AdapterKey
+from server.adapters import LoraWeights, save_adapter
 from server.bank.registry import BankRegistry, ServedBank
 from server.errors import InvalidInput, NotFound
 from server.fusion import FusionPlan, materialize, plan_fusion
@@ -17,6 +20,13 @@ from server.metrics import Metrics
 from server.settings import Settings
 from server.stacking import STACKED_BLOB, StackedBlob
 from server.store import UserRecord, UserStore
+
+
+def zero_lora(like: LoraWeights) -> LoraWeights:
+    """A rank-1 adapter with B = 0 on the modules of `like`: the base model, served as a LoRA."""
+    a = {m: torch.zeros(1, t.shape[1]) for m, t in like.a.items()}
+    b = {m: torch.zeros(t.shape[0], 1) for m, t in like.b.items()}
+    return LoraWeights(a=a, b=b, scaling=1.0)
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,7 @@ class Personalizer:
         self.cache = cache
         self.metrics = metrics
         self._ranks: dict[int, int] = {}  # lora_int_id -> rank, for responses
+        self._base_needs_zero_adapter = settings.device == "cpu" and not settings.fast_cpu_lora_ops
 
     def _validate_items(self, items: list[dict[str, Any]]) -> None:
         s = self.settings
@@ -114,7 +125,9 @@ class Personalizer:
         if record.embedding is None or record.embedding_model != served.embedding_model:
             embedding = await asyncio.to_thread(served.embedder.embed_user, history)
             await self.store.set_embedding(user_id, embedding, served.embedding_model, record.profile_version)
-            record = UserRecord(**{**record.__dict__, "embedding": embedding, "embedding_model": served.embedding_model})
+            record = UserRecord(
+                **{**record.__dict__, "embedding": embedding, "embedding_model": served.embedding_model}
+            )
         blob = await self.store.get_blob(user_id, STACKED_BLOB)
         stacked = StackedBlob.parse(*blob) if blob else None
         return UserContext(user_id, served, record, self._plan(served, record), history, stacked)
@@ -122,10 +135,26 @@ class Personalizer:
     @asynccontextmanager
     async def adapter(self, ctx: UserContext) -> AsyncIterator[AdapterLease | None]:
         """The user's materialized adapter, held until the request ends (None: base model)."""
-        if ctx.plan is None:
-            yield None
-            return
         assert self.cache is not None and self.metrics is not None
+        if ctx.plan is None:
+            if not self._base_needs_zero_adapter:
+                yield None
+                return
+            # vLLM 0.32's stock CPU LoRA ops give adapter-less requests the last slot's adapter
+            # when they share a batch with LoRA requests: serve the base model as a zero adapter.
+            bank = ctx.served.bank
+
+            async def build_zero(path: Any) -> None:
+                await asyncio.to_thread(
+                    save_adapter,
+                    zero_lora(next(iter(bank.loras.values()))),
+                    path,
+                    base_model_name_or_path=bank.manifest.base_model,
+                )
+
+            async with self.cache.lease(AdapterKey(ctx.served.uid, (), "zero"), build_zero) as (entry, hit):
+                yield AdapterLease(entry.lora_int_id, str(entry.path), 1, hit)
+            return
         plan, bank = ctx.plan, ctx.served.bank
         stacked = ctx.stacked if ctx.serves_stacked else None
         max_rank = self.settings.max_lora_rank

@@ -28,6 +28,10 @@ PROFILES = {
         {"description": "A hitman and a detective chase each other through a violent city.", "tag": "violence"},
         {"description": "Gangsters plan the robbery of a casino and betray each other.", "tag": "violence"},
     ],
+    "comedy": [
+        {"description": "A clumsy waiter accidentally becomes the king of a tiny country.", "tag": "comedy"},
+        {"description": "Three friends try to win a cooking contest and cause hilarious chaos.", "tag": "comedy"},
+    ],
 }
 PROMPT = "Which tag fits a movie about a spaceship crew?"
 
@@ -207,3 +211,30 @@ def test_health_ready_metrics(client):
     text = client.get("/metrics").text
     for name in ("mta_requests_total", "mta_request_latency_seconds", "mta_fusion_seconds", "mta_adapter_cache_misses_total", "mta_bank_info"):
         assert name in text
+
+
+def test_mixed_batches_of_base_and_personalized_requests(client, server):
+    """Requests without an adapter batched with LoRA requests must not pick up an adapter.
+
+    vLLM 0.32's stock CPU LoRA ops index the adapter stack with -1 for "no adapter", which
+    selects the last slot; the project's CPU LoRA ops (server/lora_ops) treat it as no adapter,
+    and with them off the server serves the base model as a zero adapter. The test fails with
+    stock ops and neither fix (checked by hand).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    users = ["mix-base"]
+    for theme, items in PROFILES.items():  # 4 distinct adapters fill every one of the 4 slots
+        put_profile(client, f"mix-{theme}", items)
+        users.append(f"mix-{theme}")
+    alone = {u: generate(client, u)["token_ids"] for u in users}
+    assert len({tuple(v) for v in alone.values()}) == len(users)
+
+    def run(u: str) -> tuple[str, list[int]]:
+        with server.client() as c:
+            return u, generate(c, u)["token_ids"]
+
+    with ThreadPoolExecutor(len(users)) as pool:
+        results = list(pool.map(run, users * 3))
+    for u, ids in results:
+        assert ids == alone[u], u
