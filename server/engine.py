@@ -46,6 +46,7 @@ class Engine:
         s = self.settings
         if s.device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(s.cpu_kvcache_space_gb))
+        os.environ["MTA_FAST_CPU_LORA_OPS"] = "1" if s.fast_cpu_lora_ops else "0"
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM

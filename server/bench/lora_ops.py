@@ -1,0 +1,278 @@
+"""`mta bench lora-ops`: vLLM's CPU LoRA ops ("stock") vs ours (`server.lora_ops`), one run.
+
+Offline `vllm.LLM` on SmolLM2-135M-Instruct (bf16) with random rank-16 adapters; every cell
+generates for the same 32 prompts:
+
+- workloads: prefill-heavy (LaMP-2M movie-tagging prompts of about 200 tokens, 10 output
+  tokens) and decode-heavy (short prompts, 64 output tokens), `ignore_eos` so every run
+  generates the same number of tokens;
+- adapters: base (no adapter), one adapter shared by all prompts, one distinct adapter per
+  prompt.
+
+The plugin reads `MTA_FAST_CPU_LORA_OPS` when vLLM loads it, so each side runs in its own
+worker process (`python -m server.bench.lora_ops --worker JOB --mode stock|ours`), which
+starts one engine and times every cell. Prefix caching is off, so repeated prompts are
+recomputed. The reported "ratio" is personalized (distinct adapters) throughput over base
+throughput with our ops, prefill-heavy; the JSON also has every cell's raw times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MODES = ("stock", "ours")
+WORKLOADS = ("prefill", "decode")
+CELLS = ("base", "one", "distinct")
+CELL_TITLES = {"base": "base (no adapter)", "one": "one shared adapter", "distinct": "distinct adapters"}
+LAMP_MOVIES = Path(__file__).resolve().parents[2] / "bank_artifacts" / "data" / "movie_tagging.json"
+DECODE_PROMPT = "Write a short story about {topic}."
+DECODE_TOPICS = ("a robot", "the sea", "a lost key", "a dragon", "winter", "a train", "a garden", "the moon")
+
+
+def parse_options(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="mta bench lora-ops", description=__doc__.split("\n")[0])
+    p.add_argument("--prompts", type=int, default=32, help="prompts per cell (and distinct adapters)")
+    p.add_argument("--prefill-tokens", type=int, default=10, help="output tokens, prefill-heavy")
+    p.add_argument("--decode-tokens", type=int, default=64, help="output tokens, decode-heavy")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--max-loras", type=int, default=None, help="adapters per engine step; default = --prompts")
+    p.add_argument("--repeats", type=int, default=1, help="engine runs per side; the best time per cell counts")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of stock,ours")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of prefill,decode")
+    p.add_argument("--workdir", type=Path, default=None, help="adapters and job files (default: a temp dir)")
+    return p.parse_args(argv)
+
+
+# --- parent: prepare, run both sides, report ------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    opts = parse_options([o for o in (args.options or []) if o != "--"])
+    modes = [m for m in MODES if m in opts.modes.split(",")]
+    workloads = [w for w in WORKLOADS if w in opts.workloads.split(",")]
+    if not modes or not workloads:
+        raise SystemExit(f"--modes takes some of {','.join(MODES)}; --workloads some of {','.join(WORKLOADS)}")
+    with tempfile.TemporaryDirectory(prefix="mta-bench-lora-ops-") as tmp:
+        workdir = opts.workdir or Path(tmp)
+        job = prepare_job(opts, workdir, workloads)
+        job_path = workdir / "job.json"
+        job_path.write_text(json.dumps(job))
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
+        for _ in range(opts.repeats):
+            for mode in modes:
+                runs[mode].append(run_worker(job_path, mode, workdir))
+    result = summarize(job, runs)
+    print(format_table(result))
+    return result
+
+
+def prepare_job(opts: argparse.Namespace, workdir: Path, workloads: list[str]) -> dict[str, Any]:
+    """Model, adapters and prompt token ids for the workers."""
+    from transformers import AutoTokenizer
+
+    from server.adapters import save_adapter
+    from server.bank.random_bank import random_lora
+    from server.model_prep import default_cache_dir, prepare_smollm2
+    from server.prompts import chat_prompt, render_item, retrieve_top1, user_content
+
+    model_dir = prepare_smollm2(default_cache_dir())
+    config = json.loads((model_dir / "config.json").read_text())
+    adapters = []
+    for i in range(opts.prompts):
+        path = workdir / "adapters" / f"a{i:03d}"
+        if not (path / "adapter_config.json").is_file():
+            lora = random_lora(config, rank=opts.rank, a_seed=i, b_seed=10_000 + i)
+            save_adapter(lora, path, base_model_name_or_path=str(model_dir), dtype=_bf16())
+        adapters.append(str(path))
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    users = json.loads(LAMP_MOVIES.read_text())
+    prefill = []
+    for i in range(opts.prompts):
+        user = users[i % len(users)]
+        query = user["query"][0]["input"]
+        history = [render_item(item) for item in user["profile"]]
+        prefill.append(chat_prompt(tok, [{"role": "user", "content": user_content(query, retrieve_top1(history, query))}]))
+    decode = [
+        chat_prompt(tok, [{"role": "user", "content": DECODE_PROMPT.format(topic=DECODE_TOPICS[i % len(DECODE_TOPICS)])}])
+        for i in range(opts.prompts)
+    ]
+    return {
+        "model": str(model_dir),
+        "adapters": adapters,
+        "rank": opts.rank,
+        "max_loras": opts.max_loras or opts.prompts,
+        "workloads": {
+            name: spec
+            for name, spec in (
+                ("prefill", {"prompts": prefill, "max_tokens": opts.prefill_tokens}),
+                ("decode", {"prompts": decode, "max_tokens": opts.decode_tokens}),
+            )
+            if name in workloads
+        },
+        "warmup_prompts": decode,
+    }
+
+
+def _bf16():
+    import torch
+
+    return torch.bfloat16
+
+
+def run_worker(job_path: Path, mode: str, workdir: Path) -> dict[str, Any]:
+    out = workdir / f"result-{mode}-{time.monotonic_ns()}.json"
+    stats_dir = workdir / f"stats-{mode}-{time.monotonic_ns()}"
+    env = {
+        **os.environ,
+        "MTA_FAST_CPU_LORA_OPS": "1" if mode == "ours" else "0",
+        "MTA_LORA_OPS_STATS_DIR": str(stats_dir),
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    print(f"[lora-ops] {mode}: starting an engine", flush=True)
+    cmd = [sys.executable, "-m", "server.bench.lora_ops", "--worker", str(job_path), "--mode", mode, "--out", str(out)]
+    subprocess.run(cmd, env=env, check=True)
+    result = json.loads(out.read_text())
+    result["op_calls"] = read_op_calls(stats_dir)
+    return result
+
+
+def read_op_calls(stats_dir: Path) -> int:
+    """Our ops' calls over every process (0 for stock: nothing is installed)."""
+    total = 0
+    for path in stats_dir.glob("*.json"):
+        total += sum(json.loads(path.read_text())["counts"].values())
+    return total
+
+
+def summarize(job: dict[str, Any], runs: dict[str, list[dict]]) -> dict[str, Any]:
+    cells: dict[str, Any] = {}
+    for workload in job["workloads"]:
+        spec = job["workloads"][workload]
+        n = len(spec["prompts"])
+        prompt_tokens = sum(len(p) for p in spec["prompts"])
+        for mode, mode_runs in runs.items():
+            for cell in CELLS:
+                times = [r["seconds"][workload][cell] for r in mode_runs]
+                best = min(times)
+                cells.setdefault(workload, {}).setdefault(cell, {})[mode] = {
+                    "seconds": best,
+                    "all_seconds": times,
+                    "output_tokens_per_s": n * spec["max_tokens"] / best,
+                    "tokens_per_s": (prompt_tokens + n * spec["max_tokens"]) / best,
+                }
+        for mode in runs:
+            base = cells[workload]["base"][mode]["seconds"]
+            for cell in CELLS:
+                cells[workload][cell][mode]["vs_base"] = base / cells[workload][cell][mode]["seconds"]
+    ratios = {f"{w}_{m}": cells[w]["distinct"][m]["vs_base"] for w in job["workloads"] for m in runs}
+    n = len(job["adapters"])
+    return {
+        "benchmark": "lora-ops",
+        "ratio": ratios.get("prefill_ours"),  # None when prefill or ours was not run
+        "ratios": ratios,
+        "setup": {
+            "model": Path(job["model"]).name,
+            "dtype": "bfloat16",
+            "adapters": n,
+            "rank": job["rank"],
+            "max_loras": job["max_loras"],
+            "prompts": n,
+            **{
+                name: {"mean_prompt_tokens": sum(map(len, spec["prompts"])) / n, "output_tokens": spec["max_tokens"]}
+                for name, spec in job["workloads"].items()
+            },
+            "cpu_threads": os.cpu_count(),
+        },
+        "cells": cells,
+        "op_calls": {mode: [r["op_calls"] for r in mode_runs] for mode, mode_runs in runs.items()},
+        "engine_start_seconds": {mode: [r["start_seconds"] for r in mode_runs] for mode, mode_runs in runs.items()},
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    modes = [m for m in MODES if m in result["op_calls"]]
+    setup = result["setup"]
+    lines = [
+        f"{setup['model']} bf16, {setup['prompts']} prompts, rank-{setup['rank']} adapters, max_loras={setup['max_loras']}",
+        "| workload | adapters | " + " | ".join(f"{m} s | {m} x base" for m in modes) + " |" + (" speedup |" if len(modes) == 2 else ""),
+        "|---|---|" + "---:|---:|" * len(modes) + ("---:|" if len(modes) == 2 else ""),
+    ]
+    for workload in result["cells"]:
+        w = result["setup"][workload]
+        label = f"{workload} ({w['mean_prompt_tokens']:.0f} in / {w['output_tokens']} out)"
+        for cell in CELLS:
+            row = result["cells"][workload][cell]
+            cols = " | ".join(f"{row[m]['seconds']:.2f} | {row[m]['vs_base']:.2f}" for m in modes)
+            speed = f" {row['stock']['seconds'] / row['ours']['seconds']:.1f}x |" if len(modes) == 2 else ""
+            lines.append(f"| {label} | {CELL_TITLES[cell]} | {cols} |{speed}")
+    lines.append("ratio (distinct adapters / base throughput): " + ", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items()))
+    return "\n".join(lines)
+
+
+# --- worker: one engine, every cell -----------------------------------------------------
+
+
+def worker(job_path: Path, mode: str, out: Path) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    job = json.loads(job_path.read_text())
+    n = len(job["adapters"])
+    started = time.perf_counter()
+    llm = LLM(
+        model=job["model"],
+        dtype="bfloat16",
+        seed=0,
+        enable_lora=True,
+        max_loras=job["max_loras"],
+        max_lora_rank=job["rank"],
+        max_cpu_loras=max(n, job["max_loras"]),
+        max_num_seqs=max(n, 8),
+        max_model_len=1024,
+        enable_prefix_caching=False,
+        disable_log_stats=True,
+    )
+    start_seconds = time.perf_counter() - started
+    loras = [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(job["adapters"])]
+    cell_loras = {"base": None, "one": [loras[0]] * n, "distinct": loras}
+
+    def generate(prompts: list[list[int]], max_tokens: int, lora: list | None) -> float:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        t = time.perf_counter()
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=lora, use_tqdm=False)
+        return time.perf_counter() - t
+
+    # Load every adapter into vLLM's CPU cache and run each kind of step once before timing.
+    warm = job["warmup_prompts"]
+    generate(warm, 2, loras)
+    generate(warm, 2, None)
+    seconds: dict[str, dict[str, float]] = {}
+    for workload, spec in job["workloads"].items():
+        for cell in CELLS:
+            seconds.setdefault(workload, {})[cell] = generate(spec["prompts"], spec["max_tokens"], cell_loras[cell])
+            print(f"[lora-ops] {mode}: {workload} {cell}: {seconds[workload][cell]:.2f} s", flush=True)
+    out.write_text(json.dumps({"mode": mode, "seconds": seconds, "start_seconds": start_seconds}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m server.bench.lora_ops")
+    p.add_argument("--worker", type=Path, required=True, help="job file written by the parent")
+    p.add_argument("--mode", choices=MODES, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    worker(a.worker, a.mode, a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Fast multi-LoRA ops for vLLM's CPU path, installed by a vLLM plugin (see `plugin`)."""

@@ -1,0 +1,304 @@
+"""The CPU LoRA ops (server/lora_ops) against vLLM's own ops, the plugin, and the server with it on and off."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from vllm.lora.ops.torch_ops import lora_ops as stock
+
+from server.lora_ops import ops as ours
+from server.lora_ops import plugin
+
+from .conftest import server_env
+from .server_process import ServerProcess
+from .test_api_e2e import PROFILES, PROMPT, generate, put_profile
+
+RANK = 8
+IN = 48
+OUT = 40
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def with_empty_slot(weights: torch.Tensor) -> torch.Tensor:
+    """vLLM's torch ops read index -1 as the last slot: give them an empty one there."""
+    return torch.cat([weights, torch.zeros_like(weights[:1])])
+
+
+# Per-token slot patterns (-1 = no adapter) and the number of adapter slots.
+PATTERNS: dict[str, tuple[list[int], int]] = {
+    "one adapter": ([2] * 37, 4),
+    "no adapter": ([-1] * 11, 4),
+    "mixed segments": ([0] * 9 + [-1] * 5 + [3] * 12 + [1] * 7 + [-1] * 2, 4),
+    "single token": ([1], 4),
+    "single token no adapter": ([-1], 4),
+    "two runs": ([3] * 5 + [0] * 6, 4),
+    "many adapters, one token each": (list(range(39, -1, -1)), 40),
+    "many adapters, repeated": ([(7 * i) % 12 for i in range(48)], 12),
+    "interleaved with no adapter": ([(5 * i) % 7 - 1 for i in range(40)], 6),
+    "equal groups in slot order": ([0] * 4 + [1] * 4 + [2] * 4 + [3] * 4, 4),
+    "few slots far apart": ([0, 37, 0, 37, 37, 0, 37, 0] * 3, 40),
+    "far apart with no adapter": ([0, 37, -1, 37, 0, -1] * 3, 40),
+    "long run and stragglers": ([2] * 100 + [0, 1, 3, -1, 1], 4),
+}
+
+
+def segments(indices: list[int], merge: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seq_len, lora_indices) as vLLM's compute_meta makes them (or one segment per token)."""
+    idx = torch.tensor(indices)
+    if merge:
+        lora, lengths = torch.unique_consecutive(idx, return_counts=True)
+        return lengths, lora
+    return torch.ones_like(idx), idx
+
+
+def sgmv_args(indices: list[int], merge: bool) -> tuple:
+    lengths, lora = segments(indices, merge)
+    starts = torch.cumsum(lengths, 0) - lengths
+    return starts, lengths, lora, len(lora), int(lengths.max()), int(lengths.sum())
+
+
+@pytest.fixture(params=list(PATTERNS), ids=list(PATTERNS))
+def pattern(request) -> tuple[list[int], int]:
+    return PATTERNS[request.param]
+
+
+@pytest.mark.parametrize("four_d", [True, False], ids=["4d", "3d"])
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "per-token-segments"])
+def test_shrink_equals_vllm(pattern, four_d, merge):
+    indices, slots = pattern
+    g = torch.Generator().manual_seed(len(indices) * 31 + slots)
+    x = torch.randn(len(indices), IN, generator=g)
+    a = torch.randn(slots, 1, RANK, IN, generator=g)  # [slots, 1, r, in]
+    a = a if four_d else a.squeeze(1)
+    out = torch.randn(len(indices), RANK + 3, generator=g)  # wider than r: extra columns untouched
+    idx = torch.tensor(indices)
+
+    expected, actual = out.clone(), out.clone()
+    stock.bgmv_shrink(x, with_empty_slot(a), expected, idx, 0.5)
+    ours.bgmv_shrink(x, a, actual, idx, 0.5)
+    assert rel_err(actual, expected) <= 1e-5
+
+    expected, actual = out.clone(), out.clone()
+    stock.sgmv_shrink(x, with_empty_slot(a), expected, *sgmv_args(indices, merge), 2.0)
+    ours.sgmv_shrink(x, a, actual, *sgmv_args(indices, merge), 2.0)
+    assert rel_err(actual, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("add_inputs", [True, False], ids=["add", "overwrite"])
+@pytest.mark.parametrize("out_cols", [OUT, OUT - 6, OUT + 5], ids=["same-width", "narrower", "wider"])
+def test_expand_equals_vllm(pattern, add_inputs, out_cols):
+    indices, slots = pattern
+    g = torch.Generator().manual_seed(len(indices) * 17 + slots + out_cols)
+    x = torch.randn(len(indices), RANK, generator=g)
+    b = torch.randn(slots, 1, OUT, RANK, generator=g)  # [slots, 1, out, r]
+    out = torch.randn(len(indices), out_cols, generator=g)  # padding on either side: common columns only
+    idx = torch.tensor(indices)
+
+    expected, actual = out.clone(), out.clone()
+    stock.bgmv_expand(x, with_empty_slot(b), expected, idx, add_inputs)
+    ours.bgmv_expand(x, b, actual, idx, add_inputs)
+    assert rel_err(actual, expected) <= 1e-5
+
+    expected, actual = out.clone(), out.clone()
+    stock.sgmv_expand(x, with_empty_slot(b), expected, *sgmv_args(indices, True), add_inputs)
+    ours.sgmv_expand(x, b, actual, *sgmv_args(indices, True), add_inputs)
+    assert rel_err(actual, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("add_inputs", [True, False], ids=["add", "overwrite"])
+@pytest.mark.parametrize("offset", [0, 13], ids=["first-slice", "inner-slice"])
+def test_expand_slice_equals_vllm(pattern, add_inputs, offset):
+    indices, slots = pattern
+    g = torch.Generator().manual_seed(len(indices) * 7 + slots + offset)
+    size = 24
+    x = torch.randn(len(indices), RANK, generator=g)
+    b = torch.randn(slots, 1, size, RANK, generator=g)
+    out = torch.randn(len(indices), offset + size + 11, generator=g)
+    idx = torch.tensor(indices)
+
+    expected, actual = out.clone(), out.clone()
+    stock.bgmv_expand_slice(x, with_empty_slot(b), expected, idx, offset, size, add_inputs)
+    ours.bgmv_expand_slice(x, b, actual, idx, offset, size, add_inputs)
+    assert rel_err(actual, expected) <= 1e-5
+
+    expected, actual = out.clone(), out.clone()
+    stock.sgmv_expand_slice(x, with_empty_slot(b), expected, *sgmv_args(indices, False), offset, size, add_inputs)
+    ours.sgmv_expand_slice(x, b, actual, *sgmv_args(indices, False), offset, size, add_inputs)
+    assert rel_err(actual, expected) <= 1e-5
+
+
+def test_no_adapter_even_when_the_last_slot_is_in_use():
+    """-1 is "no adapter" (as vLLM's GPU kernels read it), not the last slot's adapter."""
+    a, x = torch.randn(3, 1, RANK, IN), torch.randn(4, IN)
+    out = torch.full((4, RANK), 7.0)
+    ours.bgmv_shrink(x, a, out, torch.tensor([-1, 2, -1, 2]), 1.0)
+    assert torch.equal(out[[0, 2]], torch.zeros(2, RANK))
+    y = torch.ones(4, OUT)
+    ours.bgmv_expand(torch.randn(4, RANK), torch.randn(3, 1, OUT, RANK), y, torch.tensor([-1, -1, 0, -1]), True)
+    assert torch.equal(y[[0, 1, 3]], torch.ones(3, OUT)) and not torch.equal(y[2], torch.ones(OUT))
+
+
+def test_expand_row_count_rules_equal_vllm():
+    """One token and several output rows: broadcast; more tokens than rows: extra ones dropped."""
+    b = torch.randn(3, 1, OUT, RANK)
+    for tokens, rows in ((1, 5), (6, 4)):
+        x, out, idx = torch.randn(tokens, RANK), torch.randn(rows, OUT), torch.tensor([1] * tokens)
+        for add in (True, False):
+            expected, actual = out.clone(), out.clone()
+            stock.bgmv_expand(x, b, expected, idx, add)
+            ours.bgmv_expand(x, b, actual, idx, add)
+            assert rel_err(actual, expected) <= 1e-5
+
+
+def test_plan_cache_keeps_patterns_apart():
+    """Two index patterns alternating (as layers of two engine steps never do, but may) stay exact."""
+    a = torch.randn(4, 1, RANK, IN)
+    for indices in ([0, 1, 2, 3] * 3, [3, 2, 1, 0] * 3, [0, 1, 2, 3] * 3):
+        x, expected, actual = torch.randn(12, IN), torch.zeros(12, RANK), torch.zeros(12, RANK)
+        stock.bgmv_shrink(x, a, expected, torch.tensor(indices), 1.0)
+        ours.bgmv_shrink(x, a, actual, torch.tensor(indices), 1.0)
+        assert rel_err(actual, expected) <= 1e-5
+
+
+# --- through vLLM's PunicaWrapperCPU, with the plugin installed ---------------------------
+
+
+@pytest.fixture()
+def installed(monkeypatch, tmp_path):
+    monkeypatch.setenv(plugin.STATS_DIR_ENV, str(tmp_path / "stats"))
+    plugin.uninstall()
+    assert plugin.install()
+    yield tmp_path / "stats"
+    plugin.uninstall()
+
+
+def lora_linear(dtype: torch.dtype, token_lora_ids: list[int], seed: int = 0) -> torch.Tensor:
+    """One qkv-like LoRA linear (3 slices) through PunicaWrapperCPU, as vLLM's LoRA layers call it.
+
+    LoRA id 0 is "no adapter"; then the last slot is left empty, as vLLM's ops need.
+    """
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    g = torch.Generator().manual_seed(seed)
+    slots, outs = 4, (40, 16, 16)
+    lora_ids = [11, 12, 13, 14]  # slot i holds LoRA id lora_ids[i]
+    a = tuple(torch.randn(slots, 1, RANK, IN, generator=g).to(dtype) for _ in outs)
+    b = tuple(torch.randn(slots, 1, o, RANK, generator=g).to(dtype) for o in outs)
+    if 0 in token_lora_ids:
+        for t in a + b:
+            t[-1] = 0
+    x = torch.randn(len(token_lora_ids), IN, generator=g).to(dtype)
+    y = torch.randn(len(token_lora_ids), sum(outs), generator=g).to(dtype)
+    wrapper = PunicaWrapperCPU(256, 32, "cpu")
+    wrapper.update_metadata(LoRAMapping(token_lora_ids, token_lora_ids, is_prefill=True), lora_ids, slots, 100)
+    wrapper.add_lora_linear(y, x, a, b, 1.0, outs)
+    return y
+
+
+TOKEN_LORA_IDS = [11] * 6 + [13] * 3 + [12] * 9 + [14] * 2  # every slot in use, no base tokens
+
+
+def test_plugin_installs_and_counts(installed):
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    assert punica_cpu.sgmv_shrink.__wrapped__ is ours.sgmv_shrink
+    assert stock.sgmv_shrink is not punica_cpu.sgmv_shrink  # vLLM's module itself is left alone
+    lora_linear(torch.float32, TOKEN_LORA_IDS)
+    counts = plugin.call_counts()
+    assert counts["sgmv_shrink"] == 3 and counts["sgmv_expand_slice"] == 3
+    stats = json.loads(next(installed.glob("*.json")).read_text())
+    assert stats["counts"]["sgmv_shrink"] >= 1
+    plugin.uninstall()
+    assert punica_cpu.sgmv_shrink is stock.sgmv_shrink
+
+
+def test_register_respects_the_setting(monkeypatch):
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    plugin.uninstall()
+    try:
+        monkeypatch.setenv(plugin.ENABLE_ENV, "0")
+        plugin.register()
+        assert punica_cpu.sgmv_shrink is stock.sgmv_shrink
+        monkeypatch.setenv(plugin.ENABLE_ENV, "1")
+        plugin.register()
+        assert punica_cpu.sgmv_shrink.__wrapped__ is ours.sgmv_shrink
+        assert not plugin.install()  # loading the plugin again changes nothing
+    finally:
+        plugin.uninstall()
+
+
+def test_lora_linear_float32_equals_vllm(installed):
+    for token_lora_ids in (TOKEN_LORA_IDS, [12] * 20, [11, 12, 13, 14] * 5, [0, 0, 13, 13, 0, 11]):
+        ours_y = lora_linear(torch.float32, token_lora_ids)
+        plugin.uninstall()
+        stock_y = lora_linear(torch.float32, token_lora_ids)
+        plugin.install()
+        assert rel_err(ours_y, stock_y) <= 1e-5, token_lora_ids
+
+
+def test_lora_linear_bfloat16_matches_vllm_to_bfloat16_precision(installed):
+    """bf16 shrinks are computed in bf16 (see ops.py): the layer output agrees to bf16 rounding."""
+    ours_y = lora_linear(torch.bfloat16, TOKEN_LORA_IDS).float()
+    plugin.uninstall()
+    stock_y = lora_linear(torch.bfloat16, TOKEN_LORA_IDS).float()
+    plugin.install()
+    assert rel_err(ours_y, stock_y) <= 2**-7
+
+
+# --- end to end: the server with the plugin on (session server) and off --------------------
+
+
+@pytest.fixture(scope="module")
+def servers(request, tmp_path_factory, tiny_model_dir, tiny_bank):
+    """(plugin on, plugin off): the session server and a second one started alongside it."""
+    tmp = tmp_path_factory.mktemp("server-stock-lora-ops")
+    off = ServerProcess(tmp, server_env(tmp, tiny_model_dir, tiny_bank, MTA_FAST_CPU_LORA_OPS="0"))
+    with ThreadPoolExecutor(1) as pool:
+        starting = pool.submit(off.start)
+        on = request.getfixturevalue("server")
+        starting.result()
+    yield on, off
+    off.stop()
+
+
+def test_greedy_outputs_equal_with_and_without_the_plugin(servers):
+    on, off = servers
+    users = ["lora-ops-base"]
+    for theme, items in PROFILES.items():
+        for server in servers:
+            with server.client() as c:
+                put_profile(c, f"lora-ops-{theme}", items)
+        users.append(f"lora-ops-{theme}")
+
+    def run(args: tuple[ServerProcess, str]) -> list[int]:
+        server, user = args
+        with server.client() as c:
+            return generate(c, user, PROMPT, max_tokens=16)["token_ids"]
+
+    outputs = []
+    for server in servers:  # one request at a time, then all together (mixed segments, base tokens)
+        alone = [run((server, u)) for u in users]
+        with ThreadPoolExecutor(len(users)) as pool:
+            together = list(pool.map(run, [(server, u) for u in users * 2]))
+        assert together == alone * 2
+        outputs.append(alone)
+    assert outputs[0] == outputs[1]
+    assert len({tuple(ids) for ids in outputs[0]}) == len(users)
+
+
+def test_plugin_is_active_only_in_the_server_that_enables_it(servers):
+    on, off = servers
+    on_log, off_log = (Path(s.log_path).read_text(errors="replace") for s in servers)
+    in_use = [line for line in on_log.splitlines() if plugin.FIRST_CALL_MESSAGE in line]
+    assert in_use, "no LoRA op ran through the plugin in the server"
+    assert all(f"pid {on.proc.pid})" not in line for line in in_use)  # ran in vLLM's worker process
+    assert plugin.INSTALLED_MESSAGE not in off_log and plugin.FIRST_CALL_MESSAGE not in off_log
