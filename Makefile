@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.mta-installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test model demo-bank clean help
+.PHONY: install run test model demo-bank bank bench clean help
 
 help:
 	@echo "make run    - set up and serve SmolLM2 + demo bank on 127.0.0.1:8000 (CPU vLLM)"
@@ -32,8 +32,23 @@ model: install
 run: model
 	$(BIN)/mta serve
 
+# Rebuild the committed demo bank (bank_artifacts/demo) from the committed LaMP-2M data:
+# 8 anchors, rank-4 all-linear meta-LoRAs stored in bf16 (~20 MB), half the users held out.
+bank: model
+	$(BIN)/mta bank build --task movie_tagging --data bank_artifacts/data/movie_tagging.json \
+		--out bank_artifacts/demo --name lamp2m-demo --anchors 8 --rank 4 --dtype bf16 \
+		--meta-data cluster --holdout-fraction 0.5 --seed 0
+
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Every registered benchmark (server/bench/__init__.py), one JSON each in bench_results/ (gitignored).
+bench: model
+	@mkdir -p bench_results
+	@status=0; for name in $$($(BIN)/python -c "from server.bench import BENCHMARKS; print(*BENCHMARKS)"); do \
+		echo "== mta bench $$name"; \
+		$(BIN)/mta bench $$name --out bench_results/$$name.json || status=1; \
+	done; exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache

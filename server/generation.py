@@ -101,16 +101,20 @@ class Generator:
 
     def _sampling_params(self, inp: GenerationInput, max_tokens: int, stream: bool) -> Any:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=inp.temperature,
-            top_p=inp.top_p if inp.temperature > 0 else 1.0,
-            stop=inp.stop or None,
-            seed=inp.seed,
-            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-        )
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=inp.temperature,
+                top_p=inp.top_p if inp.temperature > 0 else 1.0,
+                stop=inp.stop or None,
+                seed=inp.seed,
+                output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+            )
+        except VLLMValidationError as e:  # bad input the API schema let through: a 422, not a 500
+            raise InvalidInput(f"invalid sampling parameters: {e}") from e
 
     async def stream(self, inp: GenerationInput, *, stream: bool = True) -> AsyncIterator[tuple[GenerationResult, Completion | None]]:
         """Yield (result so far, delta) per engine step, then (final result, None).

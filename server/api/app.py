@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.adapter_cache import AdapterCache
 from server.api.deps import Services
-from server.api.errors import error_response, install_error_handlers
+from server.api.errors import PayloadTooLarge, error_response, install_error_handlers
 from server.api.routes import admin, finetune, generate, health, openai_compat, users
 from server.bank.registry import BankRegistry
 from server.defaults import resolve_bank_path, resolve_model
@@ -49,6 +50,32 @@ async def build_services(settings: Settings) -> tuple[Services, JobRunner | None
     jobs = JobService(settings, store, personalizer)
     runner = JobRunner(settings, store, personalizer, model_path) if settings.finetune_runner == "inprocess" else None
     return Services(settings, store, banks, cache, engine, personalizer, generator, jobs, metrics), runner
+
+
+class StreamedBodyLimit:
+    """413 once a body sent without Content-Length (chunked) passes `max_bytes` while it is read;
+    a declared Content-Length is checked before any of the body is read (`limits_and_metrics`)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise PayloadTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -89,6 +116,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # Inside `limits_and_metrics` (added later = outer): its receive wrapper would turn the 413 into a 400.
+    app.add_middleware(StreamedBodyLimit, max_bytes=settings.max_request_bytes)
 
     @app.middleware("http")
     async def limits_and_metrics(request: Request, call_next):

@@ -24,8 +24,17 @@ _STATUS: dict[type[Exception], tuple[int, str]] = {
 }
 
 
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+class PayloadTooLarge(StarletteHTTPException):
+    """A streamed (chunked) body passed the limit while it was read. An HTTPException, because
+    FastAPI turns any other error raised while reading a body into a 400."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over {limit} bytes")
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse({"error": {"type": code, "message": message}}, status_code=status, headers=headers)
 
 
@@ -48,7 +57,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, "http_error", str(exc.detail))
+        code = "payload_too_large" if isinstance(exc, PayloadTooLarge) else "http_error"
+        return error_response(exc.status_code, code, str(exc.detail), exc.headers)  # e.g. Allow on a 405
 
     for exc_type, (status, code) in _STATUS.items():
 

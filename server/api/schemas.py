@@ -10,10 +10,39 @@ from server.generation import GenerationInput
 
 USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,127}$"
 UserId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN)]
-ItemValue = str | int | float | bool | None
+# NaN and infinities parse from JSON (Python's json accepts them) but cannot be stored as JSON.
+ItemValue = str | int | Annotated[float, Field(allow_inf_nan=False)] | bool | None
+NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
+INT64 = 2**63  # vLLM sends the seed to its engine core as a 64-bit integer
 
 
-class _Strict(BaseModel):
+def _check_unicode(value: Any) -> None:
+    """JSON can escape lone UTF-16 surrogates ("\\ud800"); no tokenizer, store or response encodes them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("strings must be valid Unicode (no lone surrogates)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_unicode(k)
+            _check_unicode(v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_unicode(v)
+
+
+class _Request(BaseModel):
+    """Base of every request body: all its strings, at any depth, are valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _check_unicode(data)
+        return data
+
+
+class _Strict(_Request):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -30,12 +59,12 @@ def _stop_list(v: str | list[str] | None) -> list[str]:
     return [v] if isinstance(v, str) else v
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(_Request):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[Annotated[str, StringConstraints(min_length=1)]] | None = Field(None, max_length=8)
-    seed: int | None = None
+    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=8)] | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stream: bool = False
 
 

@@ -1,0 +1,615 @@
+"""Build a meta-LoRA bank offline (MTA stage 1) from a LaMP-format user file.
+
+Steps (DESIGN.md section 1):
+
+1. Read and validate the users (`[{"user_id", "profile": [items], "query": [...]}, ...]`).
+2. Split them deterministically into the **anchor pool** and **held-out users**: users are
+   ordered by `sha256(str(user_id))` and the first `round(holdout_fraction * n)` are held
+   out (never seen by the bank; evaluation uses them). The split depends only on the user
+   ids and the fraction, not on the file order or the seed, and is recorded in the manifest.
+3. Embed every pool user: the normalised mean of the embeddings of the user's history
+   items rendered with the task's history template (`server.embedding.Embedder`).
+4. k-means (FAISS, seeded, best of a few restarts) over the pool; the anchor of a
+   cluster is its member with the longest history (ties: the lowest user id).
+5. Train one meta-LoRA per anchor (`server.training`) on leave-one-out examples: each
+   history item becomes an instruction (the task's prompt template) whose prompt carries
+   the BM25 top-1 OTHER history item (`server.prompts`, as serving does), and whose answer
+   is the item's answer field. `meta_data="cluster"` trains on the histories of all the
+   cluster's members instead of the anchor's alone (for data where every user is sparse).
+   Every meta-LoRA starts from one shared init (`TrainConfig.seed`, recorded as the
+   manifest's `lora_init_seed`), so `linear` fusion averages comparable factors.
+6. Write the bank (manifest.json, anchor_embeddings.npy, loras/<anchor>/) into a
+   temporary directory beside `out` and rename it into place.
+
+Resumable: each trained meta-LoRA is kept in a work directory with a fingerprint of
+everything it depends on (model, training config, examples); a rerun skips anchors whose
+fingerprint matches. Deterministic: the same data, model and settings give the same
+anchors and a byte-identical manifest (`bank_version` is a digest of the inputs; no
+timestamps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import string
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from server.adapters import load_adapter, save_adapter
+from server.adapters.peft_io import _move_into_place
+from server.bank.manifest import (
+    EMBEDDINGS_FILE,
+    MANIFEST_FILE,
+    AnchorSpec,
+    BankManifest,
+    EmbeddingSpec,
+    FusionDefaults,
+    TaskSpec,
+)
+from server.embedding import DEFAULT_EMBEDDING_MODEL
+from server.prompts import render_item, retrieve_top1, user_content
+from server.training import Example, TrainConfig
+
+log = logging.getLogger(__name__)
+
+MetaData = Literal["anchor", "cluster"]
+_ANCHOR_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+
+
+class BankBuildError(ValueError):
+    """Bad input for a bank build (data file, task, settings); the message says what and where."""
+
+
+# --- tasks -------------------------------------------------------------------------------
+
+LAMP2M_TAGS = (
+    "sci-fi, based on a book, comedy, action, twist ending, dystopia, dark comedy, classic, psychology, "
+    "fantasy, romance, thought-provoking, social commentary, violence, true story"
+)
+
+
+def _fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+@dataclass(frozen=True)
+class Task:
+    """How a history item becomes text (embedding, BM25 context) and a training example.
+
+    `history_template` renders an item (it is what the server renders, via the manifest's
+    task); `prompt_template` is the instruction for a left-out item, in the style of the
+    task's queries; `answer_field` is the item field the model must produce.
+    """
+
+    name: str
+    history_template: str
+    prompt_template: str
+    answer_field: str
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not _fields(self.history_template):
+            problems.append(f"history template {self.history_template!r} names no {{field}}")
+        if not _fields(self.prompt_template):
+            problems.append(f"prompt template {self.prompt_template!r} names no {{field}}")
+        if self.answer_field in _fields(self.prompt_template):
+            problems.append(f"the prompt template shows the answer field {{{self.answer_field}}}")
+        if problems:
+            raise BankBuildError(f"task {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def item_fields(self) -> list[str]:
+        """Fields every profile item needs."""
+        return sorted({*_fields(self.history_template), *_fields(self.prompt_template), self.answer_field})
+
+    def render(self, item: Mapping[str, Any]) -> str:
+        return render_item(item, self.history_template)
+
+    def instruction(self, item: Mapping[str, Any]) -> str:
+        return self.prompt_template.format(**{k: item[k] for k in _fields(self.prompt_template)})
+
+    def answer(self, item: Mapping[str, Any]) -> str:
+        return str(item[self.answer_field])
+
+
+TASKS: dict[str, Task] = {
+    # LaMP-2M: the instruction is LaMP's query input for the item ("... tags: [...] description: ...").
+    "movie_tagging": Task(
+        name="movie_tagging",
+        history_template="Description: {description} Tag: {tag}",
+        prompt_template=(
+            "Which tag does this movie relate to among the following tags? Just answer with the tag name "
+            f"without further explanation. tags: [{LAMP2M_TAGS}] description: {{description}}"
+        ),
+        answer_field="tag",
+    ),
+    # LaMP-4: "Generate a headline for the following article: <text>".
+    "news_headline": Task(
+        name="news_headline",
+        history_template="Article: {text} Headline: {title}",
+        prompt_template="Generate a headline for the following article: {text}",
+        answer_field="title",
+    ),
+}
+
+
+def make_task(
+    name: str,
+    history_template: str | None = None,
+    prompt_template: str | None = None,
+    answer_field: str | None = None,
+) -> Task:
+    """A known task (templates may be overridden) or a generic one given by its templates.
+
+    A generic task's answer field defaults to the one field of the history template that
+    the prompt template does not show.
+    """
+    known = TASKS.get(name)
+    history_template = history_template or (known.history_template if known else None)
+    prompt_template = prompt_template or (known.prompt_template if known else None)
+    if not history_template or not prompt_template:
+        raise BankBuildError(
+            f"task {name!r} is not one of {sorted(TASKS)}: give --history-template and --prompt-template"
+        )
+    if answer_field is None:
+        if known and known.answer_field in _fields(history_template):
+            answer_field = known.answer_field
+        else:
+            candidates = sorted(set(_fields(history_template)) - set(_fields(prompt_template)))
+            if len(candidates) != 1:
+                raise BankBuildError(
+                    f"cannot tell the answer field of task {name!r} from the templates (history-only fields: "
+                    f"{candidates}): give --answer-field"
+                )
+            answer_field = candidates[0]
+    return Task(name, history_template, prompt_template, answer_field)
+
+
+# --- users -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class User:
+    user_id: int | str
+    profile: tuple[dict[str, Any], ...]
+
+    @property
+    def sort_key(self) -> tuple[int, int | str]:
+        return user_sort_key(self.user_id)
+
+
+def user_sort_key(user_id: int | str) -> tuple[int, int | str]:
+    """Numeric ids in numeric order, then string ids in string order."""
+    return (0, user_id) if isinstance(user_id, int) else (1, user_id)
+
+
+def _record_problem(record: Any, task: Task) -> str | None:
+    if not isinstance(record, dict):
+        return f"is a {type(record).__name__}, not an object {{user_id, profile, query}}"
+    uid = record.get("user_id")
+    if isinstance(uid, bool) or not isinstance(uid, (int, str)) or (isinstance(uid, str) and not uid.strip()):
+        return f"has no valid user_id (got {uid!r})"
+    profile = record.get("profile")
+    if not isinstance(profile, list) or not profile:
+        return "has no profile (a non-empty list of history items)"
+    for j, item in enumerate(profile):
+        if not isinstance(item, dict):
+            return f"profile[{j}] is a {type(item).__name__}, not an object"
+        missing = [f for f in task.item_fields if f not in item]
+        if missing:
+            return f"profile[{j}] lacks field(s) {missing} needed by task {task.name!r} (has {sorted(item)})"
+        empty = [f for f in task.item_fields if not isinstance(item[f], (str, int, float)) or not str(item[f]).strip()]
+        if empty:
+            return f"profile[{j}] has empty or non-text field(s) {empty}"
+    query = record.get("query", [])
+    if not isinstance(query, list) or any(not isinstance(q, dict) or "input" not in q for q in query):
+        return "has a query that is not a list of objects with an 'input'"
+    return None
+
+
+def load_users(path: str | os.PathLike[str], task: Task) -> list[User]:
+    """Read a LaMP per-user file; raise BankBuildError naming the first bad record."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise BankBuildError(f"cannot read {path}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise BankBuildError(f"{path} is not JSON: {e}") from e
+    if not isinstance(data, list) or not data:
+        raise BankBuildError(
+            f"{path} is not a LaMP user file: expected a non-empty JSON list of "
+            f"{{user_id, profile, query}} objects, got {type(data).__name__}{' (empty)' if data == [] else ''}"
+        )
+    users, seen = [], set()
+    for i, record in enumerate(data):
+        problem = _record_problem(record, task)
+        if problem is None and record["user_id"] in seen:
+            problem = "repeats a user_id of an earlier record"
+        if problem is not None:
+            uid = record.get("user_id") if isinstance(record, dict) else None
+            raise BankBuildError(f"{path} is not a valid LaMP user file: record {i} (user_id {uid!r}) {problem}")
+        seen.add(record["user_id"])
+        users.append(User(record["user_id"], tuple(record["profile"])))
+    return users
+
+
+def split_users(users: Sequence[User], holdout_fraction: float) -> tuple[list[User], list[User]]:
+    """(anchor pool, held-out users), each sorted by user id.
+
+    Users are ordered by sha256(str(user_id)); the first round(holdout_fraction * n) are
+    held out. Depends only on the ids and the fraction.
+    """
+    if not 0 <= holdout_fraction < 1:
+        raise BankBuildError(f"holdout fraction must be in [0, 1), got {holdout_fraction}")
+    ordered = sorted(users, key=lambda u: hashlib.sha256(str(u.user_id).encode()).hexdigest())
+    n_held = round(holdout_fraction * len(users))
+    held, pool = ordered[:n_held], ordered[n_held:]
+    return sorted(pool, key=lambda u: u.sort_key), sorted(held, key=lambda u: u.sort_key)
+
+
+def anchor_id(user_id: int | str) -> str:
+    """The user id when it is a valid anchor id, else a sanitised form with a digest."""
+    text = str(user_id)
+    if _ANCHOR_ID.match(text):
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', text)[:80]}-{digest}"
+
+
+def leave_one_out_examples(user: User, task: Task) -> list[Example]:
+    """One example per history item: its instruction, with the BM25 top-1 OTHER item as context."""
+    history = [task.render(item) for item in user.profile]
+    examples = []
+    for i, item in enumerate(user.profile):
+        instruction = task.instruction(item)
+        top1 = retrieve_top1(history[:i] + history[i + 1 :], instruction)
+        examples.append(Example(prompt=user_content(instruction, top1), answer=task.answer(item)))
+    return examples
+
+
+# --- embedding and clustering ---------------------------------------------------------------
+
+
+def embed_users(embedder: Any, users: Sequence[User], task: Task, *, progress: bool = True) -> np.ndarray:
+    """[n_users, dim] float32: each user's normalised mean item embedding."""
+    from tqdm.auto import tqdm
+
+    rows = [
+        embedder.embed_user([task.render(item) for item in user.profile])
+        for user in tqdm(users, desc="embedding users", unit="user", disable=not progress)
+    ]
+    return np.stack(rows).astype(np.float32)
+
+
+def kmeans(
+    embeddings: np.ndarray, k: int, *, seed: int, restarts: int = 5, iterations: int = 50, progress: bool = True
+) -> np.ndarray:
+    """Cluster labels [n] from FAISS k-means: the best (lowest objective) of `restarts` seeded runs."""
+    import faiss
+    from tqdm.auto import tqdm
+
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n, dim = x.shape
+    if not 1 <= k <= n:
+        raise BankBuildError(f"cannot make {k} clusters of {n} users (need 1 <= anchors <= users)")
+    best_obj, best_labels = None, None
+    for r in tqdm(range(restarts), desc="k-means", unit="run", disable=not progress):
+        km = faiss.Kmeans(
+            dim, k, niter=iterations, seed=seed * 1000 + r, min_points_per_centroid=1,
+            max_points_per_centroid=max(n, 1) * 10, verbose=False,
+        )  # fmt: skip
+        km.train(x)
+        _, labels = km.index.search(x, 1)
+        obj = float(km.obj[-1]) if len(km.obj) else 0.0
+        if best_obj is None or obj < best_obj:
+            best_obj, best_labels = obj, labels[:, 0].astype(np.int64)
+    assert best_labels is not None
+    return best_labels
+
+
+@dataclass(frozen=True)
+class Cluster:
+    anchor: User  # the member with the longest history (ties: lowest user id)
+    members: tuple[User, ...]  # sorted by user id, anchor included
+    embedding: np.ndarray  # the anchor user's embedding
+
+    @property
+    def id(self) -> str:
+        return anchor_id(self.anchor.user_id)
+
+
+def choose_anchors(users: Sequence[User], embeddings: np.ndarray, labels: np.ndarray) -> list[Cluster]:
+    """One cluster per non-empty label, sorted by anchor user id."""
+    clusters = []
+    for label in sorted(set(labels.tolist())):
+        idx = [i for i in range(len(users)) if labels[i] == label]
+        members = sorted((users[i] for i in idx), key=lambda u: u.sort_key)
+        best = min(idx, key=lambda i: (-len(users[i].profile), users[i].sort_key))
+        clusters.append(Cluster(anchor=users[best], members=tuple(members), embedding=embeddings[best]))
+    return sorted(clusters, key=lambda c: c.anchor.sort_key)
+
+
+# --- the build -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    task: Task
+    n_anchors: int = 8
+    train: TrainConfig = TrainConfig()
+    meta_data: MetaData = "anchor"
+    holdout_fraction: float = 0.2
+    kmeans_seed: int = 0
+    kmeans_restarts: int = 5
+    dtype: Literal["bf16", "fp32"] = "fp32"
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL
+    fusion: FusionDefaults = FusionDefaults()
+    name: str | None = None  # default: the task name
+
+    def __post_init__(self) -> None:
+        if self.meta_data not in ("anchor", "cluster"):
+            raise BankBuildError(f"meta-data must be 'anchor' or 'cluster', got {self.meta_data!r}")
+        if self.dtype not in ("bf16", "fp32"):
+            raise BankBuildError(f"dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
+        if self.n_anchors < 1:
+            raise BankBuildError(f"anchors must be >= 1, got {self.n_anchors}")
+
+    @property
+    def bank_name(self) -> str:
+        return self.name or self.task.name
+
+
+@dataclass
+class BuildReport:
+    path: Path
+    manifest: BankManifest
+    trained: list[str]  # anchors trained by this run
+    skipped: list[str]  # anchors reused from the work directory
+    seconds: float
+    train_seconds: dict[str, float]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _model_fingerprint(model_dir: Path, model_id: str) -> dict[str, Any]:
+    weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return {
+        "model_id": model_id,
+        "config": _sha256_file(model_dir / "config.json"),
+        "weights": [(p.name, p.stat().st_size) for p in weights],
+    }
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))  # key order kept: records go into the manifest
+    os.replace(tmp, path)
+
+
+def build_bank(
+    data: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    config: BuildConfig,
+    *,
+    model_dir: str | os.PathLike[str],
+    model_id: str | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
+    keep_work: bool = False,
+    embedder: Any = None,
+    progress: bool = True,
+) -> BuildReport:
+    """Build a bank from a LaMP user file into `out` (replaced atomically). See the module doc.
+
+    `model_id` is the name the server serves the model under (default: the directory's
+    name, as the server does). `embedder` reuses a loaded `Embedder` of
+    `config.embedding_model`. The work directory (default `.<out>.build` beside `out`)
+    keeps trained meta-LoRAs for resuming; it is removed after success unless `keep_work`.
+    """
+    from tqdm.auto import tqdm
+
+    from server.embedding import Embedder, resolve_embedding_model
+    from server.training import load_base_model, load_tokenizer, train_lora
+
+    started = time.perf_counter()
+    data, out, model_dir = Path(data), Path(out).resolve(), Path(model_dir).resolve()
+    model_id = model_id or model_dir.name
+    work = Path(work_dir).resolve() if work_dir else out.parent / f".{out.name}.build"
+    task, train = config.task, config.train
+
+    users = load_users(data, task)
+    pool, held_out = split_users(users, config.holdout_fraction)
+    if config.n_anchors > len(pool):
+        raise BankBuildError(
+            f"--anchors {config.n_anchors} is more than the {len(pool)} users of the anchor pool "
+            f"({len(users)} users in {data.name}, {len(held_out)} held out): lower --anchors or --holdout-fraction"
+        )
+    if embedder is None:
+        embedder = Embedder(resolve_embedding_model(config.embedding_model))
+    embeddings = embed_users(embedder, pool, task, progress=progress)
+    labels = kmeans(
+        embeddings, config.n_anchors, seed=config.kmeans_seed, restarts=config.kmeans_restarts, progress=progress
+    )
+    clusters = choose_anchors(pool, embeddings, labels)
+    if len(clusters) < config.n_anchors:
+        log.warning("k-means left %d of %d clusters empty", config.n_anchors - len(clusters), config.n_anchors)
+
+    model = load_base_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    model_fp = _model_fingerprint(model_dir, model_id)
+    (work / "loras").mkdir(parents=True, exist_ok=True)
+    (work / "records").mkdir(parents=True, exist_ok=True)
+    records: dict[str, dict[str, Any]] = {}
+    trained, skipped, train_seconds = [], [], {}
+    for n, cluster in enumerate(clusters, 1):
+        sources = cluster.members if config.meta_data == "cluster" else (cluster.anchor,)
+        examples = [ex for member in sources for ex in leave_one_out_examples(member, task)]
+        fingerprint = _digest(
+            {"model": model_fp, "train": dataclasses.asdict(train), "examples": [dataclasses.astuple(e) for e in examples]}
+        )
+        record_file = work / "records" / f"{cluster.id}.json"
+        lora_dir = work / "loras" / cluster.id
+        previous = json.loads(record_file.read_text()) if record_file.is_file() else None
+        if previous and previous.get("fingerprint") == fingerprint and (lora_dir / "adapter_config.json").is_file():
+            records[cluster.id] = previous["record"]
+            skipped.append(cluster.id)
+            log.info("anchor %s: already trained in %s, skipped", cluster.id, work)
+            continue
+        steps = math.ceil(len(examples) / train.batch_size) * train.epochs
+        desc = f"anchor {n}/{len(clusters)} {cluster.id} ({len(examples)} examples)"
+        with tqdm(total=steps, desc=desc, unit="step", disable=not progress) as bar:
+            bar.set_postfix_str("initial loss...")
+
+            def step(done: int, total: int, loss: float, bar=bar) -> None:
+                bar.update(1)
+                bar.set_postfix_str(f"loss={loss:.3f}" + (", final loss..." if done == total else ""))
+
+            result = train_lora(model, tokenizer, examples, train, progress=step)
+            bar.set_postfix(loss=f"{result.initial_loss:.3f}->{result.final_loss:.3f}")
+        save_adapter(result.lora, lora_dir, base_model_name_or_path=model_id)  # float32 in the work dir
+        record = {
+            "user_id": cluster.anchor.user_id,
+            "history_items": len(cluster.anchor.profile),
+            "members": [u.user_id for u in cluster.members],
+            "examples": len(examples),
+            "steps": result.steps,
+            "initial_loss": round(result.initial_loss, 4),
+            "final_loss": round(result.final_loss, 4),
+        }
+        _write_json_atomic(record_file, {"fingerprint": fingerprint, "record": record})
+        records[cluster.id] = record
+        trained.append(cluster.id)
+        train_seconds[cluster.id] = result.seconds
+
+    manifest = _manifest(
+        config, data=data, users=users, pool=pool, held_out=held_out, clusters=clusters, records=records,
+        model_id=model_id, embedding_dim=int(embeddings.shape[1]),
+    )  # fmt: skip
+    _write_bank(out, manifest, clusters, work, model_id, config.dtype)
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return BuildReport(out, manifest, trained, skipped, time.perf_counter() - started, train_seconds)
+
+
+def _manifest(
+    config: BuildConfig,
+    *,
+    data: Path,
+    users: Sequence[User],
+    pool: Sequence[User],
+    held_out: Sequence[User],
+    clusters: Sequence[Cluster],
+    records: dict[str, dict[str, Any]],
+    model_id: str,
+    embedding_dim: int,
+) -> BankManifest:
+    task, train = config.task, config.train
+    settings = {
+        "task": dataclasses.asdict(task),
+        "anchors": config.n_anchors,
+        "train": dataclasses.asdict(train),
+        "meta_data": config.meta_data,
+        "holdout_fraction": config.holdout_fraction,
+        "kmeans_seed": config.kmeans_seed,
+        "kmeans_restarts": config.kmeans_restarts,
+        "dtype": config.dtype,
+        "fusion": config.fusion.model_dump(),
+        "name": config.bank_name,
+    }
+    data_info = {"file": data.name, "sha256": _sha256_file(data), "users": len(users)}
+    version = _digest({"data": data_info["sha256"], "settings": settings, "model": model_id, "emb": config.embedding_model})
+    targets = sorted(train.target_modules)
+    return BankManifest(
+        bank_version=f"{config.bank_name}-{version[:12]}",
+        name=config.bank_name,
+        description=(
+            f"Meta-LoRAs trained on {data.name} ({task.name}): {len(clusters)} anchors from {len(pool)} anchor-pool "
+            f"users, rank {train.rank} on {','.join(targets)}, each trained on "
+            + ("its anchor's history." if config.meta_data == "anchor" else "the histories of its cluster's members.")
+        ),
+        random=False,
+        base_model=model_id,
+        embedding_model=EmbeddingSpec(name=config.embedding_model, dim=embedding_dim),
+        fusion=config.fusion,
+        task=TaskSpec(name=task.name, history_template=task.history_template),
+        lora_init_seed=train.seed,
+        anchors=[
+            AnchorSpec(
+                id=c.id, cluster_size=len(c.members), rank=train.rank, target_modules=targets, lora_path=f"loras/{c.id}"
+            )
+            for c in clusters
+        ],
+        extra={
+            "builder": "mta bank build",
+            "data": data_info,
+            "split": {
+                "method": "users ordered by sha256(str(user_id)); the first round(holdout_fraction * n) are held out",
+                "holdout_fraction": config.holdout_fraction,
+                "anchor_pool": [u.user_id for u in pool],
+                "held_out": [u.user_id for u in held_out],
+            },
+            "clustering": {
+                "method": "faiss k-means on user embeddings (best objective of the restarts)",
+                "k": config.n_anchors,
+                "seed": config.kmeans_seed,
+                "restarts": config.kmeans_restarts,
+                "anchor_rule": "the member with the longest history; ties: the lowest user id",
+            },
+            "training": {
+                "meta_data": config.meta_data,
+                "examples": "leave-one-out over history items; prompt = instruction + BM25 top-1 other item",
+                "prompt_template": task.prompt_template,
+                "answer_field": task.answer_field,
+                "config": {**dataclasses.asdict(train), "target_modules": list(train.target_modules)},
+                "adapter_dtype": config.dtype,
+            },
+            "anchors": {c.id: records[c.id] for c in clusters},
+        },
+    )
+
+
+def _write_bank(
+    out: Path, manifest: BankManifest, clusters: Sequence[Cluster], work: Path, model_id: str, dtype: str
+) -> None:
+    """Assemble the bank in a temporary directory beside `out`, then rename it into place."""
+    import torch
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        for c in clusters:
+            lora = load_adapter(work / "loras" / c.id)
+            torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+            save_adapter(lora, tmp / "loras" / c.id, base_model_name_or_path=model_id, dtype=torch_dtype)
+        np.save(tmp / EMBEDDINGS_FILE, np.stack([c.embedding for c in clusters]).astype(np.float32))
+        (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+        for path in tmp.rglob("*"):  # a shipped bank is readable by a server run as another user
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

