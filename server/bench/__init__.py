@@ -8,4 +8,11 @@ module parses itself so `mta --help` never imports it.
 from __future__ import annotations
 
 # name -> module path; modules are imported only when their benchmark runs.
-BENCHMARKS: dict[str, str] = {}
+BENCHMARKS: dict[str, str] = {
+    "lora-ops": "server.bench.lora_ops",
+    "fusion": "server.bench.fusion",
+    "serving": "server.bench.serving",
+    "coldstart": "server.bench.coldstart",
+    "storage": "server.bench.storage",
+    "finetune": "server.bench.finetune",
+}
