@@ -34,7 +34,7 @@ class ServerProcess:
         self.log_path = workdir / f"{args[0]}-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 240) -> ServerProcess:
+    def start(self, timeout: float = 480) -> ServerProcess:
         env = {**os.environ, **self.env, "MTA_PORT": str(self.port), "MTA_HOST": "127.0.0.1"}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
