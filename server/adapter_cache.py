@@ -4,18 +4,48 @@ vLLM 0.32 loads adapters only from a path, so a fused adapter is written once un
 cache key and reused by every user whose neighbourhood rounds to the same key. An entry in
 use by a request (a lease) is never deleted under it: eviction and invalidation defer the
 removal of its directory until the last lease is released.
+
+A full filesystem (ENOSPC, or EDQUOT for a quota) while an adapter is written is a 503
+(`AdapterCacheFull`) for that request only: adapters already cached and the base model are
+still served, and the next miss tries again, so the server recovers once space is freed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import logging
+import re
 import shutil
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from server.errors import AdapterCacheFull
+
+log = logging.getLogger(__name__)
+
+_NO_SPACE = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+# safetensors' Rust writer raises SafetensorError, not OSError, with the OS error in the text:
+# "Error while serializing: I/O error: No space left on device (os error 28)".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception it was raised from) is a full filesystem or quota."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return True
+        if any(int(n) in _NO_SPACE for n in _RUST_OS_ERROR.findall(str(e))):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 @dataclass(frozen=True)
@@ -95,7 +125,17 @@ class AdapterCache:
             lora_int_id = self._next_id
             self._next_id += 1
             path = self.root / f"{lora_int_id}-{key.digest()}"
-            await build(path)
+            try:
+                await build(path)
+            except Exception as e:
+                shutil.rmtree(path, ignore_errors=True)
+                if not out_of_space(e):
+                    raise
+                log.warning("adapter cache %s is out of space: %s", self.root, e)
+                raise AdapterCacheFull(
+                    "the adapter cache is out of disk space: this user's adapter cannot be materialized"
+                    " now; adapters already cached and the base model are still served. Retry later."
+                ) from e
             entry = CachedAdapter(key=key, lora_int_id=lora_int_id, path=path)
             self._entries[key] = entry
             self._building.pop(key, None)

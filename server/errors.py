@@ -39,6 +39,12 @@ class Unavailable(MTAError):
     code = "unavailable"
 
 
+class AdapterCacheFull(Unavailable):
+    """The adapter cache's filesystem is full (ENOSPC/EDQUOT): a new adapter cannot be written."""
+
+    code = "adapter_cache_full"
+
+
 class Conflict(MTAError):
     status = 409
     code = "conflict"

@@ -26,6 +26,7 @@ class GenerationInput:
     chat_template: bool = True  # apply the model's chat template to `prompt`
     use_profile: bool | None = None  # BM25 top-1 history item in the prompt; None = settings
     max_tokens: int | None = None
+    min_tokens: int = 0
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
@@ -97,6 +98,8 @@ class Generator:
         max_tokens = inp.max_tokens or s.default_max_tokens
         if max_tokens > s.max_tokens:
             raise InvalidInput(f"max_tokens {max_tokens} > the server's limit {s.max_tokens}")
+        if inp.min_tokens > max_tokens:
+            raise InvalidInput(f"min_tokens {inp.min_tokens} > max_tokens {max_tokens}")
         return max_tokens
 
     def _sampling_params(self, inp: GenerationInput, max_tokens: int, stream: bool) -> Any:
@@ -107,6 +110,7 @@ class Generator:
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
+                min_tokens=inp.min_tokens,
                 temperature=inp.temperature,
                 top_p=inp.top_p if inp.temperature > 0 else 1.0,
                 stop=inp.stop or None,

@@ -153,6 +153,17 @@ def test_streaming_generate_equals_plain(client):
     assert text == plain["text"] == final["text"]
 
 
+def test_min_tokens_holds_off_stop_strings(client):
+    put_profile(client, "e2e-min", PROFILES["comedy"])
+    free = generate(client, "e2e-min", max_tokens=16)
+    stop = free["text"].strip()[:2]  # appears in the first tokens: ends the output at once
+    assert stop, free
+    stopped = generate(client, "e2e-min", max_tokens=16, stop=stop)
+    held = generate(client, "e2e-min", max_tokens=16, stop=stop, min_tokens=16)
+    assert stopped["finish_reason"] == "stop" and stopped["usage"]["completion_tokens"] < 16, stopped
+    assert held["usage"]["completion_tokens"] == 16 and held["text"].strip().startswith(stop), held
+
+
 def test_messages_input(client):
     put_profile(client, "e2e-msgs", PROFILES["space"])
     out = client.post(

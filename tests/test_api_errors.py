@@ -31,6 +31,8 @@ def assert_error(r, status: int, *fragments: str) -> None:
         ({"user_id": "u1", "prompt": "hi", "colour": "red"}, 422, "colour"),
         ({"user_id": "u1", "prompt": "hi", "max_tokens": 0}, 422, "max_tokens"),
         ({"user_id": "u1", "prompt": "hi", "max_tokens": 10_000}, 422, "max_tokens"),
+        ({"user_id": "u1", "prompt": "hi", "min_tokens": -1}, 422, "min_tokens"),
+        ({"user_id": "u1", "prompt": "hi", "max_tokens": 4, "min_tokens": 5}, 422, "min_tokens 5 > max_tokens 4"),
         ({"user_id": "u1", "prompt": "hi", "temperature": -1}, 422, "temperature"),
         ({"user_id": "u1", "prompt": "hi", "top_p": 0}, 422, "top_p"),
         ({"user_id": "u1", "prompt": "word " * 10_000}, 422, "max_prompt_chars"),

@@ -20,6 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -404,6 +405,139 @@ class TestRedisReplica:
         assert r.status_code == 200, r.text
 
 
+# --- adapter cache filesystem full (ENOSPC) -------------------------------------------------------
+
+TMPFS_SIZE = "4m"  # the adapter cache's own filesystem: small, so the test can fill it
+
+
+def userns_tmpfs_available(where: Path) -> bool:
+    """Whether an unprivileged user + mount namespace may mount a tmpfs here (no root needed)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    probe = where / "probe"
+    probe.mkdir()
+    r = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0"', probe],
+        check=False,
+        capture_output=True,
+    )
+    return r.returncode == 0
+
+
+@pytest.fixture(scope="class")
+def full_disk_server(tmp_path_factory, tiny_model_dir, tiny_bank) -> Iterator[tuple[ServerProcess, Path]]:
+    """A server whose adapter cache is on its own small tmpfs, mounted in a private user + mount
+    namespace (`unshare`), so the test fills a real filesystem without root. Yields the server
+    and the tmpfs as the test process sees it (through /proc/<pid>/root)."""
+    import sys
+
+    from . import server_process
+
+    tmp = tmp_path_factory.mktemp("enospc")
+    if not userns_tmpfs_available(tmp):
+        pytest.skip("cannot mount a tmpfs in a user namespace here (unshare -Urm)")
+    mnt = tmp / "adapter-fs"
+    mnt.mkdir()
+    launcher = tmp / "python-in-namespace"
+    launcher.write_text(
+        "#!/bin/sh\n"
+        'exec unshare --user --map-root-user --mount sh -c \'mount -t tmpfs -o size="$ADAPTER_FS_SIZE" tmpfs'
+        ' "$ADAPTER_FS" && exec "$0" "$@"\' ' + f'"{sys.executable}" "$@"\n'
+    )
+    launcher.chmod(0o755)
+    env = server_env(tmp, tiny_model_dir, tiny_bank, MTA_ADAPTER_CACHE_DIR=str(mnt / "adapters"))
+    env.update(ADAPTER_FS=str(mnt), ADAPTER_FS_SIZE=TMPFS_SIZE)
+    proc = ServerProcess(tmp, env)
+    try:
+        # ServerProcess runs `sys.executable -m server.cli`: run it through the launcher instead.
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(server_process, "sys", type("Sys", (), {"executable": str(launcher)}))
+            proc.start()
+        fs = Path(f"/proc/{proc.proc.pid}/root") / mnt.relative_to("/")
+        assert (fs / "adapters").is_dir(), "the tmpfs is not visible through /proc/<pid>/root"
+        yield proc, fs
+    finally:
+        proc.stop()
+
+
+def fill(fs: Path) -> Path:
+    """Write a file on `fs` until the filesystem is full; returns it (delete it to free the space)."""
+    import errno
+
+    filler = fs / "filler"
+    chunk = b"\0" * (64 << 10)
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(chunk)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+    return filler
+
+
+def test_out_of_space_recognizes_full_filesystems_and_quotas_only():
+    """What the e2e test below cannot reach: a quota (EDQUOT), and the errors that must stay 500s."""
+    import errno
+
+    from server.adapter_cache import out_of_space
+
+    assert out_of_space(OSError(errno.ENOSPC, "No space left on device"))
+    assert out_of_space(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert out_of_space(Exception("Error while serializing: I/O error: Disk quota exceeded (os error 122)"))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("write failed") from e
+    except RuntimeError as e:
+        assert out_of_space(e)
+    assert not out_of_space(OSError(errno.EACCES, "Permission denied"))
+    assert not out_of_space(Exception("Error while serializing: I/O error: Permission denied (os error 13)"))
+    assert not out_of_space(ValueError("rank 28"))
+
+
+class TestAdapterCacheFull:
+    def test_full_filesystem_is_a_503_for_new_adapters_only_and_recovers_when_space_is_freed(self, full_disk_server):
+        server, fs = full_disk_server
+        users = {name: f"{name}-{uuid.uuid4().hex[:8]}" for name in ("space", "romance")}
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+        with server.client(timeout=REQUEST_TIMEOUT) as c:
+            for name, user in users.items():
+                put_profile(c, user, PROFILES[name])
+            first = generate(c, users["space"])
+            assert first["adapter"]["cache_hit"] is False
+            before = {p.name for p in (fs / "adapters").iterdir()}
+
+            filler = fill(fs)
+            # A new adapter (another neighbourhood) cannot be written: a clear 503, for both APIs.
+            for _ in range(2):
+                r = c.post("/generate", json={"user_id": users["romance"], "prompt": PROMPT, "max_tokens": 4})
+                err = assert_error(r, 503, "adapter cache", "disk space")
+                assert err["type"] == "adapter_cache_full", err
+            r = c.post("/v1/chat/completions", json={**chat, "user": users["romance"]})
+            assert assert_error(r, 503, "adapter cache")["type"] == "adapter_cache_full"
+            r = c.post("/generate", json={"user_id": users["romance"], "prompt": PROMPT, "stream": True, "max_tokens": 4})
+            assert assert_error(r, 503, "adapter cache")["type"] == "adapter_cache_full"
+            # No half-written adapter is left behind, and everything else is still served.
+            assert {p.name for p in (fs / "adapters").iterdir()} == before
+            again = generate(c, users["space"])
+            assert again["adapter"]["cache_hit"] is True
+            assert again["adapter"]["lora_int_id"] == first["adapter"]["lora_int_id"]
+            assert c.post("/v1/chat/completions", json=chat).status_code == 200  # the base model
+            assert c.get(f"/users/{users['romance']}").status_code == 200
+            assert c.get("/healthz").status_code == 200
+
+            filler.unlink()  # space is back: served without a restart
+            out = generate(c, users["romance"])
+            assert out["personalized"] is True and out["adapter"]["cache_hit"] is False
+            assert generate(c, users["romance"])["adapter"]["cache_hit"] is True
+        assert server.proc is not None and server.proc.poll() is None
+
+
 # --- SIGKILL during writes, then graceful shutdown (SQLite, the embedded default) -----------------
 
 
@@ -547,7 +681,7 @@ class TestCrashAndShutdown:
             # Requests that take about 4 s, however busy the machine: long enough to be in flight
             # at the signal, short enough to finish within uvicorn's 30 s.
             start = time.monotonic()
-            probe = generate(c, "graceful", "Tell me a long story.", max_tokens=32)
+            probe = generate(c, "graceful", "Tell me a long story.", max_tokens=32, min_tokens=32)
             per_token = (time.monotonic() - start) / max(1, probe["usage"]["completion_tokens"])
         n_tokens = int(min(360, max(16, 4.0 / per_token)))  # 360 + the prompt fit the tiny model's 512 positions
         started = [threading.Event() for _ in range(2)]
@@ -555,7 +689,7 @@ class TestCrashAndShutdown:
         results: list[dict] = [{}, {}, {}]
 
         def stream(i: int) -> None:
-            body = {"user_id": "graceful", "prompt": "Tell me a long story.", "max_tokens": n_tokens, "stream": True}
+            body = {"user_id": "graceful", "prompt": "Tell me a long story.", "max_tokens": n_tokens, "min_tokens": n_tokens, "stream": True}
             try:
                 with httpx.Client(base_url=server.url, timeout=120) as c, c.stream("POST", "/generate", json=body) as r:
                     results[i]["status"] = r.status_code
@@ -573,7 +707,12 @@ class TestCrashAndShutdown:
                 finished[i].set()
 
         def plain() -> None:  # not streamed: admitted before the signal, answered after it
-            body = {"user": "graceful", "messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": n_tokens}
+            body = {
+            "user": "graceful",
+            "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": n_tokens,
+            "min_tokens": n_tokens,  # EOS cannot end it early
+        }
             try:
                 with httpx.Client(base_url=server.url, timeout=120) as c:
                     r = c.post("/v1/chat/completions", json=body)

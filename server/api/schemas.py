@@ -61,6 +61,7 @@ def _stop_list(v: str | list[str] | None) -> list[str]:
 
 class SamplingFields(_Request):
     max_tokens: int | None = Field(None, ge=1)
+    min_tokens: int = Field(0, ge=0, description="Tokens generated before EOS or a stop string may end the output.")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=8)] | None = None
@@ -91,6 +92,7 @@ class GenerateRequest(SamplingFields, _Strict):
             chat_template=self.chat_template,
             use_profile=self.use_profile,
             max_tokens=self.max_tokens,
+            min_tokens=self.min_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             stop=_stop_list(self.stop),
@@ -186,6 +188,7 @@ class _OpenAIBase(SamplingFields):
         return GenerationInput(
             user_id=self.user,
             max_tokens=self.max_completion_tokens or self.max_tokens,
+            min_tokens=self.min_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             stop=_stop_list(self.stop),
