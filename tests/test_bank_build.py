@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from server.bank.build import (
     TASKS,
@@ -42,6 +43,15 @@ def short(item: dict) -> dict:
 def write_lamp(path: Path, users: list[dict]) -> Path:
     path.write_text(json.dumps(users))
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model gains nothing from threads, and on a busy machine they cost 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +239,9 @@ def test_a_file_that_is_not_lamp_is_a_clear_error_naming_the_first_bad_record(tm
     elif data == "NEWS":
         users = json.loads((LAMP_MOVIES.parent / "news_headline_dev.json").read_text())
     path = tmp_path / "users.json"
-    path.write_text(data if isinstance(data, str) and data == "not json" else json.dumps(users if isinstance(data, str) else data))
+    path.write_text(
+        data if isinstance(data, str) and data == "not json" else json.dumps(users if isinstance(data, str) else data)
+    )
     with pytest.raises(BankBuildError, match=message):
         load_users(path, TASK)
 
@@ -247,7 +259,11 @@ def test_generic_tasks_come_from_templates():
     task = make_task("reviews", "Review: {text} Score: {score}", "Score this review: {text}")
     assert task.answer_field == "score"
     item = {"text": "Great!", "score": 5}
-    assert (task.render(item), task.instruction(item), task.answer(item)) == ("Review: Great! Score: 5", "Score this review: Great!", "5")
+    assert (task.render(item), task.instruction(item), task.answer(item)) == (
+        "Review: Great! Score: 5",
+        "Score this review: Great!",
+        "5",
+    )
     assert make_task("news_headline").answer_field == "title"
     with pytest.raises(BankBuildError, match="give --history-template and --prompt-template"):
         make_task("reviews")
@@ -267,7 +283,10 @@ def test_the_real_server_serves_the_built_bank(built, tiny_model_dir, tmp_path, 
             r = c.put(f"/users/{user['user_id']}/profile", json={"items": user["profile"]})
             assert r.status_code == 200, r.text
             assert r.json()["bank_version"] == report.manifest.bank_version
-            r = c.post("/generate", json={"user_id": str(user["user_id"]), "prompt": user["query"][0]["input"], "max_tokens": 8})
+            r = c.post(
+                "/generate",
+                json={"user_id": str(user["user_id"]), "prompt": user["query"][0]["input"], "max_tokens": 8},
+            )
             assert r.status_code == 200, r.text
             body = r.json()
     finally:

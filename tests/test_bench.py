@@ -30,9 +30,24 @@ def test_every_benchmark_is_registered() -> None:
 
 def test_fusion(tmp_path: Path, tiny_model_dir: Path) -> None:
     result = bench(
-        "fusion", tmp_path / "fusion.json",
-        "--model", str(tiny_model_dir), "--anchors", "4", "--k", "2", "--modes", "linear,cat", "--stacking", "on",
-        "--threads", "default", "--runs", "2", "--peft-runs", "1",
+        "fusion",
+        tmp_path / "fusion.json",
+        "--model",
+        str(tiny_model_dir),
+        "--anchors",
+        "4",
+        "--k",
+        "2",
+        "--modes",
+        "linear,cat",
+        "--stacking",
+        "on",
+        "--threads",
+        "default",
+        "--runs",
+        "2",
+        "--peft-runs",
+        "1",
     )
     assert len(result["cells"]) == 2
     assert result["checks"]["cat_stacked_equals_peft"], result["checks"]
@@ -61,3 +76,61 @@ def test_finetune(tmp_path: Path, server) -> None:
     result = bench("finetune", tmp_path / "finetune.json", "--url", server.url, "--quick")
     assert result["all_succeeded"], result["jobs"]
     assert result["stacked_served_after"]
+
+
+def test_coldstart_che_approximation_matches_an_exact_lru() -> None:
+    import numpy as np
+
+    from server.bench.coldstart import che_hit_rates, exact_lru_hit_rate
+
+    p = 1.0 / np.arange(1, 2001) ** 1.0
+    p /= p.sum()
+    che = che_hit_rates(p, [10, 100, 500, 2000])
+    assert che[2000] == 1.0
+    assert che[10] < che[100] < che[500] < 1.0
+    for size in (10, 100, 500):
+        exact = exact_lru_hit_rate(p, size, 50_000, np.random.default_rng(size))
+        assert abs(che[size] - exact) < 0.02, (size, che[size], exact)
+
+
+def test_coldstart_cache_simulation_uses_the_server_keys() -> None:
+    """The simulated users' cache keys partition them exactly as the server's retrieval and keys do."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from server.bank.index import AnchorIndex
+    from server.bench.coldstart import (
+        build_parser,
+        sample_users,
+        simulate_cache,
+        user_keys,
+    )
+    from server.fusion import plan_fusion
+
+    population = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
+    anchors = population[:12]
+    opts = build_parser().parse_args(
+        ["--sim-users", "3000", "--sim-anchors", "12", "--sim-steps", "0,0.1", "--sim-cache", "4,16,10000"]
+    )
+    keys = user_keys(population, anchors, opts, np.random.default_rng(1))
+    users = np.concatenate(list(sample_users(population, 3000, np.random.default_rng(1))))
+    bank = SimpleNamespace(version="v", index=AnchorIndex([f"a{i}" for i in range(12)], anchors))
+    for step, sim_ids in keys.items():
+        server_keys = [
+            plan_fusion(bank, u, bank_uid="u", top_k=2, mode="linear", round_step=step).key() for u in users
+        ]
+        pairs = set(zip(server_keys, sim_ids.tolist()))
+        assert len(pairs) == len(set(server_keys)) == len(set(sim_ids.tolist())), step  # same partition
+
+    sim = simulate_cache(population, opts)
+    exact, rounded = sim["by_step"]["0.0"], sim["by_step"]["0.1"]
+    assert exact["distinct_adapters"] > 2900  # weights kept to 6 decimals: (almost) every user is its own
+    assert rounded["distinct_adapters"] < exact["distinct_adapters"] / 5
+    for entry in (exact, rounded):
+        for z in entry["by_zipf"].values():
+            hits = [z["hit_rate"][str(c)] for c in sim["command_options"]["cache"]]
+            assert hits == sorted(hits) and 0 < hits[0] and hits[-1] == 1.0
+            for b, d in z["distinct_adapters_in_batch"].items():
+                assert d <= min(int(b), entry["distinct_adapters"]) + 1e-9
+    assert all(abs(c["che"] - c["exact_lru"]) < 0.03 for c in sim["che_check"]), sim["che_check"]

@@ -36,6 +36,15 @@ EXAMPLES = [
 FAST = TrainConfig(rank=4, alpha=8, learning_rate=1e-2, epochs=3, batch_size=2)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model gains nothing from threads, and on a busy machine they cost 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     return load_base_model(tiny_model_dir)
@@ -131,7 +140,9 @@ def test_the_seed_fixes_the_shared_a_init(model, tok):
     frozen = TrainConfig(rank=4, alpha=8, learning_rate=1e-12, epochs=1, seed=7)
     one = train_lora(model, tok, EXAMPLES[:2], frozen).lora
     two = train_lora(model, tok, EXAMPLES[3:], frozen).lora
-    other = train_lora(model, tok, EXAMPLES[:2], TrainConfig(rank=4, alpha=8, learning_rate=1e-12, epochs=1, seed=8)).lora
+    other = train_lora(
+        model, tok, EXAMPLES[:2], TrainConfig(rank=4, alpha=8, learning_rate=1e-12, epochs=1, seed=8)
+    ).lora
     for m in one.modules:
         assert torch.allclose(one.a[m], two.a[m], atol=1e-9)
         assert not torch.allclose(one.a[m], other.a[m])
@@ -155,7 +166,9 @@ def peft_loss(model_dir, adapter_dir, tok, examples) -> float:
     return total / count
 
 
-def test_base_adapter_is_exact_and_the_stack_serves_what_was_trained(model, tok, tiny_model_dir, tiny_model_config, tmp_path):
+def test_base_adapter_is_exact_and_the_stack_serves_what_was_trained(
+    model, tok, tiny_model_dir, tiny_model_config, tmp_path
+):
     before = snapshot(model)
     base = random_lora(tiny_model_config, rank=4, b_std=0.5, b_seed=3)
     save_adapter(base, tmp_path / "base", base_model_name_or_path="tiny")

@@ -42,7 +42,7 @@ import string
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -350,14 +350,14 @@ def choose_anchors(users: Sequence[User], embeddings: np.ndarray, labels: np.nda
 class BuildConfig:
     task: Task
     n_anchors: int = 8
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = field(default_factory=TrainConfig)
     meta_data: MetaData = "anchor"
     holdout_fraction: float = 0.2
     kmeans_seed: int = 0
     kmeans_restarts: int = 5
     dtype: Literal["bf16", "fp32"] = "fp32"
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
-    fusion: FusionDefaults = FusionDefaults()
+    fusion: FusionDefaults = field(default_factory=FusionDefaults)
     name: str | None = None  # default: the task name
 
     def __post_init__(self) -> None:
@@ -468,7 +468,11 @@ def build_bank(
         sources = cluster.members if config.meta_data == "cluster" else (cluster.anchor,)
         examples = [ex for member in sources for ex in leave_one_out_examples(member, task)]
         fingerprint = _digest(
-            {"model": model_fp, "train": dataclasses.asdict(train), "examples": [dataclasses.astuple(e) for e in examples]}
+            {
+                "model": model_fp,
+                "train": dataclasses.asdict(train),
+                "examples": [dataclasses.astuple(e) for e in examples],
+            }
         )
         record_file = work / "records" / f"{cluster.id}.json"
         lora_dir = work / "loras" / cluster.id
@@ -540,7 +544,9 @@ def _manifest(
         "name": config.bank_name,
     }
     data_info = {"file": data.name, "sha256": _sha256_file(data), "users": len(users)}
-    version = _digest({"data": data_info["sha256"], "settings": settings, "model": model_id, "emb": config.embedding_model})
+    version = _digest(
+        {"data": data_info["sha256"], "settings": settings, "model": model_id, "emb": config.embedding_model}
+    )
     targets = sorted(train.target_modules)
     return BankManifest(
         bank_version=f"{config.bank_name}-{version[:12]}",

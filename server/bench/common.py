@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parents[2]
 LAMP_MOVIES = REPO / "bank_artifacts" / "data" / "movie_tagging.json"
@@ -40,6 +40,10 @@ def parse_options(parser: argparse.ArgumentParser, args: argparse.Namespace | No
 
 def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def float_list(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
 
 
 def str_list(text: str) -> list[str]:
@@ -261,7 +265,7 @@ class BenchServer:
 
         env = {**os.environ, **self.env, "MTA_PORT": str(self.port), "MTA_HOST": "127.0.0.1"}
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # a shared machine: let the OS place threads
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - the server's log for its whole life
         started = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve"],
@@ -302,8 +306,10 @@ class BenchServer:
         self.proc = None
         shutil.rmtree(self.env.get("MTA_ADAPTER_CACHE_DIR", ""), ignore_errors=True)
 
-    def __enter__(self) -> BenchServer:
-        return self.start() if self.proc is None else self
+    def __enter__(self) -> Self:
+        if self.proc is None:
+            self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -329,7 +335,7 @@ def prometheus_value(text: str, name: str) -> float:
     """Sum of a metric's samples in Prometheus text (e.g. `mta_fusion_seconds_sum`)."""
     total = 0.0
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -339,3 +345,14 @@ def quiet_http_logs() -> None:
     import logging
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN and infinities (a skipped cell, an empty list) as null, so the output is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

@@ -9,7 +9,7 @@ runner) with a RANDOM bench bank (anchors = the LaMP-2M users, rank-8 all-linear
 - meanwhile another user sends `/generate` requests back to back (a LaMP prompt, 10 tokens)
   and `/jobs/{id}` is polled, until the job ends (bounded by `--timeout`).
 
-The same probe requests are timed before the fine-tunes, with nothing else running. Reported:
+The same probe requests are timed with nothing else running, right before and after each job. Reported:
 the job's wall time (submit -> succeeded, as a client sees it) and its training seconds (the
 job record), and probe latencies with and without a fine-tune running. `ratio` = median probe
 latency while a fine-tune runs / median probe latency without (1.0 = no interference).
@@ -33,9 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--jobs", type=int, default=2, help="fine-tunes, one after another (the first loads the model)")
-    p.add_argument("--probes", type=int, default=8, help="probe requests timed without a fine-tune")
+    p.add_argument(
+        "--probes",
+        type=int,
+        default=6,
+        help="probes timed without a fine-tune around each job (half before, half after)",
+    )
     p.add_argument("--probe-tokens", type=int, default=10)
-    p.add_argument("--timeout", type=float, default=300.0, help="give up on a job after this long")
+    p.add_argument("--timeout", type=float, default=900.0, help="give up waiting for a job after this long")
     p.add_argument("--bank-rank", type=int, default=8, help="meta-LoRA rank of the bench bank")
     p.add_argument("--model", type=Path, help="model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="bfloat16")
@@ -76,10 +81,13 @@ async def measure(url: str, opts: argparse.Namespace) -> dict[str, Any]:
             return time.perf_counter() - start
 
         await probe()  # materialize the probe user's adapter
-        idle = [await probe() for _ in range(opts.probes)]
-        print(f"[finetune] /generate without a fine-tune: median {common.median(idle) * 1e3:.0f} ms", flush=True)
+        # idle probes bracket every job (before and after), so a change in the machine's load
+        # during the run falls on both sides of the comparison
+        half = max(2, opts.probes // 2)
+        idle: list[float] = []
         jobs = []
         for j in range(opts.jobs):
+            idle += [await probe() for _ in range(half)]
             user = users[1 + j]
             uid = f"{prefix}-{j}"
             await common.put_profile(client, uid, common.profile_items(user))
@@ -87,18 +95,21 @@ async def measure(url: str, opts: argparse.Namespace) -> dict[str, Any]:
             print(
                 f"[finetune] job {j + 1}: {jobs[-1]['status']} in {jobs[-1]['wall_seconds']:.1f} s"
                 f" (training {jobs[-1].get('train_seconds') or 0:.1f} s); /generate meanwhile: median"
-                f" {common.median(jobs[-1]['probe_seconds']) * 1e3:.0f} ms over {len(jobs[-1]['probe_seconds'])}",
+                f" {common.median(jobs[-1]['probe_seconds']) * 1e3:.0f} ms over {len(jobs[-1]['probe_seconds'])},"
+                f" without: median {common.median(idle[-half:]) * 1e3:.0f} ms",
                 flush=True,
             )
-        after = [await probe() for _ in range(max(3, opts.probes // 2))]
+        idle += [await probe() for _ in range(half)]
         check = await client.post(
             "/generate", json={"user_id": f"{prefix}-0", "prompt": "Recommend a movie.", "max_tokens": 4}
         )
         check.raise_for_status()
-    return {"idle_probe_seconds": idle, "after_probe_seconds": after, "jobs": jobs, "stacked_served": check.json()["stacked"]}
+    return {"idle_probe_seconds": idle, "jobs": jobs, "stacked_served": check.json()["stacked"]}
 
 
-async def one_job(client: Any, uid: str, examples: list[dict[str, str]], opts: argparse.Namespace, probe: Any) -> dict[str, Any]:
+async def one_job(
+    client: Any, uid: str, examples: list[dict[str, str]], opts: argparse.Namespace, probe: Any
+) -> dict[str, Any]:
     body = {"examples": examples, "rank": opts.rank, "epochs": opts.epochs}
     start = time.perf_counter()
     r = await client.post(f"/users/{uid}/finetune", json=body)
@@ -115,6 +126,8 @@ async def one_job(client: Any, uid: str, examples: list[dict[str, str]], opts: a
             if job["status"] in ("succeeded", "failed"):
                 break
             await asyncio.sleep(0.25)
+        else:
+            job = {**job, "status": "timeout"}
         done.set()
 
     probes: list[float] = []
@@ -174,7 +187,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "generate_ms": {
             "idle": {k: v * 1e3 for k, v in common.summarize(idle).items() if k != "n"},
             "during_finetune": {k: v * 1e3 for k, v in common.summarize(during).items() if k != "n"},
-            "after": {k: v * 1e3 for k, v in common.summarize(data["after_probe_seconds"]).items() if k != "n"},
         },
         "setup": {
             "model": model_name,
@@ -189,18 +201,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "jobs": jobs,
         "idle_probe_seconds": idle,
-        "after_probe_seconds": data["after_probe_seconds"],
         "machine": common.machine(),
         "command": common.command_line("finetune", args),
     }
     print(format_table(result))
-    return result
+    return common.json_safe(result)
 
 
 def format_table(result: dict[str, Any]) -> str:
     g = result["generate_ms"]
     rows = [
-        (f"fine-tune job {i + 1} (submit -> succeeded)", j["wall_seconds"], j["train_seconds"] or float("nan"), len(j["probe_seconds"]))
+        (
+            f"fine-tune job {i + 1} (submit -> succeeded)",
+            j["wall_seconds"],
+            j["train_seconds"] or float("nan"),
+            len(j["probe_seconds"]),
+        )
         for i, j in enumerate(result["jobs"])
     ]
     table = common.table(["", "wall s", "training s", "/generate during"], rows)

@@ -42,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", type=common.str_list, default=["linear", "cat"])
     p.add_argument("--stacking", type=common.str_list, default=["off", "on"], help="off,on")
     p.add_argument(
-        "--threads", type=common.str_list, default=["default", "1"],
+        "--threads",
+        type=common.str_list,
+        default=["default", "1"],
         help="torch threads for ours, e.g. default,1; PEFT runs at the first setting only",
     )
     p.add_argument("--runs", type=int, default=30, help="timed runs of ours per configuration")
@@ -68,11 +70,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for threads in opts.threads:
             torch.set_num_threads(default_threads if threads == "default" else int(threads))
             for k, mode, stacking in configs:
-                ours = common.time_calls(lambda i: setup.ours(k, mode, stacking == "on", i), opts.runs, 2, opts.max_seconds)
+                stacked = stacking == "on"
+                ours = common.time_calls(
+                    lambda i, k=k, mode=mode, stacked=stacked: setup.ours(k, mode, stacked, i),
+                    opts.runs,
+                    2,
+                    opts.max_seconds,
+                )
                 peft = []
                 if threads == opts.threads[0]:
                     peft = common.time_calls(
-                        lambda i: setup.peft(k, mode, stacking == "on", i), opts.peft_runs, 1, opts.max_seconds
+                        lambda i, k=k, mode=mode, stacked=stacked: setup.peft(k, mode, stacked, i),
+                        opts.peft_runs,
+                        1,
+                        opts.max_seconds,
                     )
                 cell = {
                     "threads": torch.get_num_threads(),
@@ -103,8 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "benchmark": "fusion",
         "ratio": min(ratios),
-        "ratio_definition": "PEFT median / ours median, smallest over configurations at threads="
-        + opts.threads[0],
+        "ratio_definition": "PEFT median / ours median, smallest over configurations at threads=" + opts.threads[0],
         "ratio_geomean": math.exp(sum(math.log(r) for r in ratios) / len(ratios)),
         "ours_median_ms_max": max(c["ours_seconds"]["median"] for c in headline) * 1e3,
         "goal": {"ours_median_ms": 10, "ratio": 10},
@@ -126,7 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": common.command_line("fusion", args),
     }
     print(format_table(result))
-    return result
+    return common.json_safe(result)
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -146,7 +156,17 @@ def format_table(result: dict[str, Any]) -> str:
     ]
     head = f"fusion: {result['setup']['model']}, {result['setup']['anchors']} rank-{result['setup']['anchor_rank']} anchors"
     table = common.table(
-        ["threads", "k", "mode", "stacked", "rank", "ours ms (median)", "ours ms (p95)", "PEFT ms (median)", "PEFT / ours"],
+        [
+            "threads",
+            "k",
+            "mode",
+            "stacked",
+            "rank",
+            "ours ms (median)",
+            "ours ms (p95)",
+            "PEFT ms (median)",
+            "PEFT / ours",
+        ],
         rows,
     )
     return f"{head}\n{table}\nratio (smallest PEFT / ours): {result['ratio']:.1f}x; slowest ours median {result['ours_median_ms_max']:.1f} ms"
@@ -177,7 +197,9 @@ class _Setup:
             embedding_model="bench",
             rank=opts.rank,
         )
-        self.bank = load_bank(bank_path, model_id=model_dir.name, model_config=config, embedding_dim=self.dim, max_lora_rank=512)
+        self.bank = load_bank(
+            bank_path, model_id=model_dir.name, model_config=config, embedding_dim=self.dim, max_lora_rank=512
+        )
         stacked = random_lora(config, rank=opts.stacked_rank, a_seed=7, b_seed=8)
         self.stacked_bytes = adapter_to_bytes(stacked, extra={"bank_version": self.bank.version, "job_id": "bench"})
         self.n_modules = len(stacked.modules)
@@ -275,5 +297,8 @@ class _Setup:
         worst = max(float((ours.delta(m) - theirs.delta(m)).abs().max()) for m in ours.modules)
         scale = max(float(ours.delta(m).abs().max()) for m in ours.modules)
         shutil.rmtree(peft_dir, ignore_errors=True)
-        return {"cat_stacked_equals_peft": worst <= 1e-5 * max(scale, 1e-12), "max_abs_diff": worst, "max_abs_delta": scale}
-
+        return {
+            "cat_stacked_equals_peft": worst <= 1e-5 * max(scale, 1e-12),
+            "max_abs_diff": worst,
+            "max_abs_delta": scale,
+        }

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("stock", "ours")
+PROGRESS = "[lora-ops]"
 WORKLOADS = ("prefill", "decode")
 CELLS = ("base", "one", "distinct")
 CELL_TITLES = {"base": "base (no adapter)", "one": "one shared adapter", "distinct": "distinct adapters"}
@@ -100,9 +101,13 @@ def prepare_job(opts: argparse.Namespace, workdir: Path, workloads: list[str]) -
         user = users[i % len(users)]
         query = user["query"][0]["input"]
         history = [render_item(item) for item in user["profile"]]
-        prefill.append(chat_prompt(tok, [{"role": "user", "content": user_content(query, retrieve_top1(history, query))}]))
+        prefill.append(
+            chat_prompt(tok, [{"role": "user", "content": user_content(query, retrieve_top1(history, query))}])
+        )
     decode = [
-        chat_prompt(tok, [{"role": "user", "content": DECODE_PROMPT.format(topic=DECODE_TOPICS[i % len(DECODE_TOPICS)])}])
+        chat_prompt(
+            tok, [{"role": "user", "content": DECODE_PROMPT.format(topic=DECODE_TOPICS[i % len(DECODE_TOPICS)])}]
+        )
         for i in range(opts.prompts)
     ]
     return {
@@ -136,11 +141,25 @@ def run_worker(job_path: Path, mode: str, workdir: Path) -> dict[str, Any]:
         "MTA_FAST_CPU_LORA_OPS": "1" if mode == "ours" else "0",
         "MTA_LORA_OPS_STATS_DIR": str(stats_dir),
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+        # A shared machine: let the OS place the threads (pinned threads wait for busy cores).
+        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
         "TOKENIZERS_PARALLELISM": "false",
     }
-    print(f"[lora-ops] {mode}: starting an engine", flush=True)
+    log_path = out.with_suffix(".log")
+    print(f"[lora-ops] {mode}: starting an engine (log: {log_path})", flush=True)
     cmd = [sys.executable, "-m", "server.bench.lora_ops", "--worker", str(job_path), "--mode", mode, "--out", str(out)]
-    subprocess.run(cmd, env=env, check=True)
+    with (
+        open(log_path, "w") as log,
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc,
+    ):
+        assert proc.stdout is not None
+        for line in proc.stdout:  # keep vLLM's logs in the file, show our progress lines
+            log.write(line)
+            if line.startswith(PROGRESS):
+                print(line, end="", flush=True)
+    if proc.returncode != 0:
+        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"lora-ops {mode} worker failed ({proc.returncode}):\n{tail}")
     result = json.loads(out.read_text())
     result["op_calls"] = read_op_calls(stats_dir)
     return result
@@ -204,7 +223,10 @@ def format_table(result: dict[str, Any]) -> str:
     setup = result["setup"]
     lines = [
         f"{setup['model']} bf16, {setup['prompts']} prompts, rank-{setup['rank']} adapters, max_loras={setup['max_loras']}",
-        "| workload | adapters | " + " | ".join(f"{m} s | {m} x base" for m in modes) + " |" + (" speedup |" if len(modes) == 2 else ""),
+        "| workload | adapters | "
+        + " | ".join(f"{m} s | {m} x base" for m in modes)
+        + " |"
+        + (" speedup |" if len(modes) == 2 else ""),
         "|---|---|" + "---:|---:|" * len(modes) + ("---:|" if len(modes) == 2 else ""),
     ]
     for workload in result["cells"]:
@@ -215,7 +237,9 @@ def format_table(result: dict[str, Any]) -> str:
             cols = " | ".join(f"{row[m]['seconds']:.2f} | {row[m]['vs_base']:.2f}" for m in modes)
             speed = f" {row['stock']['seconds'] / row['ours']['seconds']:.1f}x |" if len(modes) == 2 else ""
             lines.append(f"| {label} | {CELL_TITLES[cell]} | {cols} |{speed}")
-    lines.append("ratio (distinct adapters / base throughput): " + ", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items()))
+    lines.append(
+        "ratio (distinct adapters / base throughput): " + ", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items())
+    )
     return "\n".join(lines)
 
 
@@ -242,6 +266,7 @@ def worker(job_path: Path, mode: str, out: Path) -> None:
         max_model_len=1024,
         enable_prefix_caching=False,
         disable_log_stats=True,
+        gpu_memory_utilization=0.3,  # on CPU only a start check (RAM that must be free); KV cache: env
     )
     start_seconds = time.perf_counter() - started
     loras = [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(job["adapters"])]
@@ -261,7 +286,7 @@ def worker(job_path: Path, mode: str, out: Path) -> None:
     for workload, spec in job["workloads"].items():
         for cell in CELLS:
             seconds.setdefault(workload, {})[cell] = generate(spec["prompts"], spec["max_tokens"], cell_loras[cell])
-            print(f"[lora-ops] {mode}: {workload} {cell}: {seconds[workload][cell]:.2f} s", flush=True)
+            print(f"{PROGRESS} {mode}: {workload} {cell}: {seconds[workload][cell]:.2f} s", flush=True)
     out.write_text(json.dumps({"mode": mode, "seconds": seconds, "start_seconds": start_seconds}))
 
 

@@ -41,7 +41,9 @@ DECODE_TOPICS = ("a robot", "the sea", "a lost key", "a dragon", "winter", "a tr
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mta bench serving", description="concurrent users: personalized vs shared vs base")
+    p = argparse.ArgumentParser(
+        prog="mta bench serving", description="concurrent users: personalized vs shared vs base"
+    )
     p.add_argument("--n", type=common.int_list, default=[1, 8, 32], help="concurrent users, e.g. 1,8,32 (64 optional)")
     p.add_argument("--workloads", type=common.str_list, default=list(WORKLOADS))
     p.add_argument("--conditions", type=common.str_list, default=list(CONDITIONS))
@@ -49,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stock-n", type=common.int_list, default=[32], help="N values with stock ops")
     p.add_argument("--stock-workloads", type=common.str_list, default=["prefill"])
     p.add_argument(
-        "--stock-conditions", type=common.str_list, default=["personalized", "shared"],
+        "--stock-conditions",
+        type=common.str_list,
+        default=["personalized", "shared"],
         help="with stock ops (their base is a zero adapter, as costly as a LoRA; the base figure comes from fast ops)",
     )
     p.add_argument("--stock-rounds", type=int, default=1, help="rounds per cell with stock ops")
@@ -125,7 +129,13 @@ def unique(prompt: str) -> str:
 
 
 async def one_request(client: Any, user_id: str, prompt: str, max_tokens: int) -> dict[str, Any]:
-    body = {"user_id": user_id, "prompt": unique(prompt), "max_tokens": max_tokens, "temperature": 0.0, "use_profile": False}
+    body = {
+        "user_id": user_id,
+        "prompt": unique(prompt),
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "use_profile": False,
+    }
     start = time.perf_counter()
     r = await client.post("/generate", json=body)
     latency = time.perf_counter() - start
@@ -172,7 +182,9 @@ def cell_stats(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-async def warm_up(client: Any, prefix: str, conditions: list[str], max_n: int, batch: int, prompt: str) -> dict[str, Any]:
+async def warm_up(
+    client: Any, prefix: str, conditions: list[str], max_n: int, batch: int, prompt: str
+) -> dict[str, Any]:
     """Materialize every adapter and load it into the engine once, outside the timed cells."""
     seen: dict[str, set] = {}
     for condition in conditions:
@@ -301,7 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = summarize(opts, runs, model_name, servers)
     result["command"] = common.command_line("serving", args)
     print(format_table(result))
-    return result
+    return common.json_safe(result)
 
 
 def read_op_calls(stats_dir: Path) -> int:
@@ -319,7 +331,9 @@ def _tps(cell: dict[str, Any] | None) -> float:
     return cell["output_tokens_per_s"] if cell else math.nan
 
 
-def summarize(opts: argparse.Namespace, runs: dict[str, dict[str, Any]], model: str, servers: dict[str, Any]) -> dict[str, Any]:
+def summarize(
+    opts: argparse.Namespace, runs: dict[str, dict[str, Any]], model: str, servers: dict[str, Any]
+) -> dict[str, Any]:
     main_ops = "fast" if "fast" in runs else next(iter(runs))
     main = runs[main_ops]["cells"]
     n_ref = 32 if any(c["n"] == 32 for c in main) else max((c["n"] for c in main), default=0)
@@ -335,9 +349,13 @@ def summarize(opts: argparse.Namespace, runs: dict[str, dict[str, Any]], model: 
     if "stock" in runs:
         for c in runs["stock"]["cells"]:
             fast_base = _cell(main, c["workload"], c["n"], "base")
-            ratios[f"stock_{c['workload']}_n{c['n']}_{c['condition']}_over_base"] = common.ratio(_tps(c), _tps(fast_base))
+            ratios[f"stock_{c['workload']}_n{c['n']}_{c['condition']}_over_base"] = common.ratio(
+                _tps(c), _tps(fast_base)
+            )
             fast_same = _cell(main, c["workload"], c["n"], c["condition"])
-            ratios[f"fast_over_stock_{c['workload']}_n{c['n']}_{c['condition']}"] = common.ratio(_tps(fast_same), _tps(c))
+            ratios[f"fast_over_stock_{c['workload']}_n{c['n']}_{c['condition']}"] = common.ratio(
+                _tps(fast_same), _tps(c)
+            )
     headline = f"prefill_n{n_ref}_personalized_over_base"
     return {
         "benchmark": "serving",

@@ -85,7 +85,9 @@ def safetensors_bytes(shapes: dict[str, tuple[int, ...]], dtype: str, metadata: 
     return 8 + size + (-size) % 8 + offset
 
 
-def lora_bytes(config: dict[str, Any], rank: int, targets: tuple[str, ...], dtype: str = "F32", stacked: bool = False) -> int:
+def lora_bytes(
+    config: dict[str, Any], rank: int, targets: tuple[str, ...], dtype: str = "F32", stacked: bool = False
+) -> int:
     metadata = {"bank_version": "x" * 24, "job_id": "ft-" + "0" * 16} if stacked else {}
     metadata.update({"rank": str(rank), "scaling": repr(1.0)})
     return safetensors_bytes(lora_shapes(config, rank, targets), dtype, metadata)
@@ -114,7 +116,9 @@ def profile_bytes() -> dict[str, float]:
     return {"median": common.median(sizes), "mean": sum(sizes) / len(sizes), "users": len(sizes)}
 
 
-def per_model(name: str, config: dict[str, Any], opts: argparse.Namespace, profile: float, measure: bool) -> dict[str, Any]:
+def per_model(
+    name: str, config: dict[str, Any], opts: argparse.Namespace, profile: float, measure: bool
+) -> dict[str, Any]:
     embedding = opts.embedding_dim * 4
     stacked = lora_bytes(config, opts.stacked_rank, ALL_LINEAR, "F32", stacked=True)
     oppu = {dt: lora_bytes(config, opts.oppu_rank, OPPU_TARGETS, dt) for dt in DTYPE_BYTES}
@@ -124,7 +128,16 @@ def per_model(name: str, config: dict[str, Any], opts: argparse.Namespace, profi
     ours_stacked = ours_fused + stacked
     out: dict[str, Any] = {
         "model": name,
-        "shapes": {k: config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")},
+        "shapes": {
+            k: config[k]
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+            )
+        },
         "bytes": {
             "embedding": embedding,
             "profile_median": profile,
@@ -161,7 +174,8 @@ def per_model(name: str, config: dict[str, Any], opts: argparse.Namespace, profi
             "meta_lora_fp32": measured_bytes(config, opts.meta_rank, ALL_LINEAR),
         }
         out["formula_matches_measured"] = all(
-            out["measured_bytes"][k] == out["bytes"][k] for k in ("stacked_lora_fp32", "oppu_lora_fp32", "meta_lora_fp32")
+            out["measured_bytes"][k] == out["bytes"][k]
+            for k in ("stacked_lora_fp32", "oppu_lora_fp32", "meta_lora_fp32")
         )
     return out
 
@@ -203,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": common.command_line("storage", args),
     }
     print(format_table(result))
-    return result
+    return common.json_safe(result)
 
 
 def _size(n: float) -> str:
@@ -229,8 +243,15 @@ def format_table(result: dict[str, Any]) -> str:
             )
         )
     table = common.table(
-        ["model", "ours: profile+embedding", "ours: + stacked r4 (fp32)", "OPPU r8 q,v (fp32)", "meta-LoRA r8 (fp32)",
-         "OPPU / ours", "OPPU / ours stacked"],
+        [
+            "model",
+            "ours: profile+embedding",
+            "ours: + stacked r4 (fp32)",
+            "OPPU r8 q,v (fp32)",
+            "meta-LoRA r8 (fp32)",
+            "OPPU / ours",
+            "OPPU / ours stacked",
+        ],
         rows,
     )
     return f"storage per user\n{table}\nratio (OPPU / ours, {result['models'][0]['model']}, no stacked LoRA): {result['ratio']:.0f}x"

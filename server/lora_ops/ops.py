@@ -3,9 +3,12 @@
 Drop-in replacements for the six ops in `vllm.lora.ops.torch_ops` (same signatures, same
 results). vLLM's versions gather a full copy of the adapter matrix for every token
 (`weights[indices]`, [tokens, out, in]) and then do a per-token product. These do one matrix
-product per run of tokens that share an adapter (prefill, or one adapter for the whole
-batch), or, when there are many short runs (decode with many adapters), one batched product
-over the tokens grouped by adapter slot and padded to the largest group.
+product per run of tokens that share an adapter when there are one or two runs (prefill of
+one request, or one adapter for the whole batch), and otherwise one batched product over
+the tokens grouped by adapter slot and padded to the largest group (many requests with
+their own adapters, in prefill or decode): a fixed handful of ops per call, however many
+adapters, which matters on CPU, where each op costs far more than its arithmetic here.
+The grouping is computed once per index pattern and reused by every layer of the step.
 
 Shared conventions (as in vLLM):
 - `weights` is [num_slots, 1, out, in] or [num_slots, out, in]; `weights[s]` maps a token's
@@ -15,7 +18,7 @@ Shared conventions (as in vLLM):
   output (vLLM's LoRA buffer) is computed in that 16-bit dtype (float32 accumulation) and
   then widened. vLLM computes it in float32, but the expand that reads the buffer casts it
   back to that 16-bit dtype first, so the layer's output is the same up to summation order;
-  it avoids widening the weights on every call, the main cost of a float32 shrink on CPU.
+  it saves widening the inputs and weights on every call (the 16-bit product is faster too).
   With float32 models (and tests) every product is float32 as in vLLM.
 - A negative slot means "no adapter": the token gets a zero LoRA contribution. vLLM's torch
   ops index `weights[-1]` (the last slot) for it, which agrees while that slot is empty;
@@ -27,29 +30,39 @@ Shared conventions (as in vLLM):
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-# Up to this many runs of same-slot tokens are done as one product per run (no rows are
-# copied). More runs go to one batched product (fewer, larger ops: on a busy CPU each op
-# costs far more than its arithmetic), unless padding the slot groups to the largest one
-# would more than double the rows.
+# Up to this many runs of same-slot tokens are done as one product per run (in place, no
+# rows copied). With more, the slots are grouped into tiers of similar token counts (the
+# smallest at least 1/TIER_RATIO of the largest) and each tier is one batched product over
+# its slots' tokens, padded to its largest group; a tier of one contiguous run is done in
+# place. Prefill of many requests is one tier, decode with many adapters another.
 MAX_LOOP_RUNS = 2
-MAX_PADDING_FACTOR = 2.0
+TIER_RATIO = 2
 _NARROW = (torch.bfloat16, torch.float16)
 
 
-@dataclass
-class _Layout:
-    """Tokens grouped by slot for the batched product: G groups of m rows.
+@dataclass(frozen=True)
+class _Run:
+    """Rows start:end all use `slot`: one product, written in place."""
+
+    slot: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class _Tier:
+    """Slots whose tokens are done as one batched product: G groups of m rows.
 
     Group g holds the tokens of slot `first_slot + g` (a contiguous slot range: the weights
-    are read in place) or of `slots[g]` (weights gathered). Padded row p = g*m + k is the
-    k-th token of group g and `gather[p]` (None: p) its row in x; padding repeats a real row.
-    Without padding (`exact`), padded row p goes straight back to row `gather[p]`; otherwise
-    adapted token `rows[j]` (None: j) takes padded row `place[j]`.
+    are read in place; slots in the range without tokens are all padding) or of `slots[g]`
+    (weights gathered). Padded row p = g*m + k is the k-th token of group g and `gather[p]`
+    its row in x (None: p). Padding rows repeat a real row and are zeroed (`padding`) before
+    the product, so every padded row can be added back into row `gather[p]`.
     """
 
     first_slot: int | None
@@ -57,82 +70,72 @@ class _Layout:
     groups: int
     m: int
     gather: Tensor | None  # [G*m]
-    exact: bool
-    place: Tensor | None  # [T_adapted], only when not exact
-    rows: Tensor | None  # [T_adapted], when not exact and some tokens have no adapter
+    padding: Tensor | None  # positions of padding rows, None when there are none
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Plan:
-    """Which tokens use which slot, for one index pattern (shared by every layer of a step)."""
+    """How to compute one index pattern (shared by every layer and slice of an engine step)."""
 
     num_tokens: int
-    runs: list[tuple[int, int, int]]  # (slot, start, end): maximal runs of one slot; slot -1 = none
-    slots: list[int]  # distinct slots >= 0, ascending
-    has_unadapted: bool  # some token has a negative slot
-    use_loop: bool  # one product per run; else one batched product
-    _layout: _Layout | None = field(default=None, repr=False)
-
-    def layout(self) -> _Layout:
-        if self._layout is None:
-            self._layout = _make_layout(self)
-        return self._layout
+    pieces: tuple[_Run | _Tier, ...]
+    covers: bool  # the pieces write every row exactly once (so overwriting needs no zeroing)
 
 
 def _make_plan(run_slots: list[int], run_lengths: list[int]) -> _Plan:
-    runs: list[tuple[int, int, int]] = []
+    runs: list[_Run] = []
     start = 0
     for slot, length in zip(run_slots, run_lengths):
         if length <= 0:
             continue
         slot = slot if slot >= 0 else -1
-        if runs and runs[-1][0] == slot:
-            runs[-1] = (slot, runs[-1][1], start + length)
+        if runs and runs[-1].slot == slot:
+            runs[-1] = _Run(slot, runs[-1].start, start + length)
         else:
-            runs.append((slot, start, start + length))
+            runs.append(_Run(slot, start, start + length))
         start += length
-    counts: dict[int, int] = {}
-    for slot, begin, end in runs:
-        if slot >= 0:
-            counts[slot] = counts.get(slot, 0) + end - begin
-    padding = len(counts) * max(counts.values()) / sum(counts.values()) if counts else 1.0
-    use_loop = len(runs) <= MAX_LOOP_RUNS or padding > MAX_PADDING_FACTOR
-    return _Plan(start, runs, sorted(counts), any(s < 0 for s, _, _ in runs), use_loop)
+    adapted = [r for r in runs if r.slot >= 0]
+    if len(runs) <= MAX_LOOP_RUNS:
+        return _Plan(start, tuple(adapted), covers=len(adapted) == len(runs))
+    members: dict[int, list[int]] = {}
+    for run in adapted:
+        members.setdefault(run.slot, []).extend(range(run.start, run.end))
+    by_size = sorted(members, key=lambda slot: -len(members[slot]))
+    pieces: list[_Run | _Tier] = []
+    i = 0
+    while i < len(by_size):
+        j = i + 1
+        while j < len(by_size) and len(members[by_size[j]]) * TIER_RATIO >= len(members[by_size[i]]):
+            j += 1
+        pieces.append(_make_piece({slot: members[slot] for slot in by_size[i:j]}, start))
+        i = j
+    single = pieces[0] if len(pieces) == 1 and len(adapted) == len(runs) else None
+    covers = isinstance(single, _Tier) and single.padding is None  # tokens reordered, none repeated
+    return _Plan(start, tuple(pieces), covers=covers)
 
 
-def _make_layout(plan: _Plan) -> _Layout:
-    members: dict[int, list[int]] = {s: [] for s in plan.slots}
-    for slot, start, end in plan.runs:
-        if slot >= 0:
-            members[slot].extend(range(start, end))
+def _make_piece(members: dict[int, list[int]], num_tokens: int) -> _Run | _Tier:
+    if len(members) == 1:
+        ((slot, rows),) = members.items()
+        if rows[-1] - rows[0] == len(rows) - 1:
+            return _Run(slot, rows[0], rows[-1] + 1)
+    slots = sorted(members)
     m = max(len(rows) for rows in members.values())
-    first, last = plan.slots[0], plan.slots[-1]
-    # A contiguous slot range is read in place; unused slots inside it only cost padding.
-    in_place = last - first + 1 <= 2 * len(plan.slots)
-    group_slots = list(range(first, last + 1)) if in_place else plan.slots
+    in_place = slots[-1] - slots[0] + 1 <= 2 * len(slots)
+    group_slots = range(slots[0], slots[-1] + 1) if in_place else slots
     gather: list[int] = []
-    place_of: dict[int, int] = {}
-    for g, slot in enumerate(group_slots):
+    padding: list[int] = []
+    for slot in group_slots:
         rows = members.get(slot, [])
-        for k, row in enumerate(rows):
-            place_of[row] = g * m + k
+        padding.extend(range(len(gather) + len(rows), len(gather) + m))
         gather.extend(rows + [rows[0] if rows else 0] * (m - len(rows)))
-    exact = len(place_of) == len(gather)
-    adapted = sorted(place_of)
-    place = [place_of[r] for r in adapted]
-
-    def index(values: list[int]) -> Tensor | None:
-        return None if values == list(range(len(values))) else torch.tensor(values, dtype=torch.long)
-
-    return _Layout(
-        first_slot=first if in_place else None,
-        slots=None if in_place else torch.tensor(plan.slots, dtype=torch.long),
+    return _Tier(
+        first_slot=slots[0] if in_place else None,
+        slots=None if in_place else torch.tensor(slots, dtype=torch.long),
         groups=len(group_slots),
         m=m,
-        gather=index(gather) if len(gather) == plan.num_tokens else torch.tensor(gather, dtype=torch.long),
-        exact=exact,
-        place=None if exact else torch.tensor(place, dtype=torch.long),
-        rows=torch.tensor(adapted, dtype=torch.long) if plan.has_unadapted and not exact else None,
+        gather=None if gather == list(range(num_tokens)) else torch.tensor(gather, dtype=torch.long),
+        padding=torch.tensor(padding, dtype=torch.long) if padding else None,
     )
 
 
@@ -172,20 +175,6 @@ def _as_3d(weights: Tensor) -> Tensor:
     return weights.squeeze(1) if weights.dim() == 4 else weights
 
 
-def _store(dst: Tensor, y: Tensor, scale: float, accumulate: bool, rows: Tensor | None = None) -> None:
-    """dst (+)= y * scale, in dst's dtype; with `rows`, only those rows of dst get y (others 0 / kept)."""
-    if scale != 1.0:
-        y = y.to(dst.dtype) * scale
-    if rows is not None:
-        if not accumulate:
-            dst.zero_()
-        dst.index_add_(0, rows, y.to(dst.dtype))
-    elif accumulate:
-        dst.add_(y)
-    else:
-        dst.copy_(y)
-
-
 def _lora_product(x: Tensor, weights: Tensor, dst: Tensor, plan: _Plan, *, scale: float, accumulate: bool) -> None:
     """Write the per-token LoRA product into `dst` in place.
 
@@ -197,42 +186,60 @@ def _lora_product(x: Tensor, weights: Tensor, dst: Tensor, plan: _Plan, *, scale
     x: [T, in] in the compute dtype; weights: [slots, out', in] with out' >= out (the slots
     used are cast to x's dtype); dst: [T, out], a view, in the compute dtype or wider.
     """
-    out = dst.shape[1]
-    if plan.use_loop:
-        for slot, start, end in plan.runs:
-            if slot < 0:
-                if not accumulate:
-                    dst[start:end].zero_()
-                continue
-            w = weights[slot, :out].to(x.dtype)  # [out, in]
-            if x.dtype == dst.dtype:
-                dst[start:end].addmm_(x[start:end], w.t(), beta=1 if accumulate else 0, alpha=scale)
-            else:
-                _store(dst[start:end], x[start:end] @ w.t(), scale, accumulate)
-        return
-
-    lay = plan.layout()
-    if lay.first_slot is not None:
-        w = weights[lay.first_slot : lay.first_slot + lay.groups, :out]  # [G, out, in], a view
-    else:
-        w = weights.index_select(0, lay.slots)[:, :out]
-    w = w.to(x.dtype)
-    xp = x if lay.gather is None else x.index_select(0, lay.gather)  # [G*m, in]
-    yp = torch.bmm(xp.view(lay.groups, lay.m, -1), w.transpose(1, 2)).view(-1, out)  # [G*m, out]
-    if not lay.exact:
-        _store(dst, yp.index_select(0, lay.place), scale, accumulate, lay.rows)
-    elif lay.gather is None:
-        _store(dst, yp, scale, accumulate)
-    else:  # padded row p is token gather[p]: scatter straight back
-        yp = yp.to(dst.dtype)
-        if scale != 1.0:
-            yp = yp * scale
-        if accumulate:
-            dst.index_add_(0, lay.gather, yp)
+    if not accumulate and not plan.covers:
+        dst.zero_()  # rows without an adapter get 0; the pieces then add their products
+        accumulate = True
+    for piece in plan.pieces:
+        if isinstance(piece, _Run):
+            _run_product(x, weights, dst, piece, scale, accumulate)
         else:
-            if plan.has_unadapted:
-                dst.zero_()
-            dst.index_copy_(0, lay.gather, yp)
+            _tier_product(x, weights, dst, piece, scale, accumulate)
+
+
+def _run_product(x: Tensor, weights: Tensor, dst: Tensor, run: _Run, scale: float, accumulate: bool) -> None:
+    rows = dst[run.start : run.end]  # [n, out]
+    w = weights[run.slot, : dst.shape[1]].to(x.dtype)  # [out, in]
+    if x.dtype == dst.dtype:
+        rows.addmm_(x[run.start : run.end], w.t(), beta=1 if accumulate else 0, alpha=scale)
+        return
+    y = x[run.start : run.end] @ w.t()  # narrow shrink into a float32 buffer: widen after
+    if scale != 1.0:
+        y = y.to(dst.dtype) * scale
+    if accumulate:
+        rows.add_(y)
+    else:
+        rows.copy_(y)
+
+
+def _tier_product(x: Tensor, weights: Tensor, dst: Tensor, tier: _Tier, scale: float, accumulate: bool) -> None:
+    # dst[gather[p]] (+)= (x[gather[p]] @ weights[slot of p].T) * scale; overwriting only when
+    # the tier writes every row once
+    out = dst.shape[1]
+    if tier.first_slot is not None:
+        w = weights[tier.first_slot : tier.first_slot + tier.groups, :out]  # [G, out, in], a view
+    else:
+        w = weights.index_select(0, tier.slots)[:, :out]
+    w = w.to(x.dtype)
+    xp = x if tier.gather is None else x.index_select(0, tier.gather)  # [G*m, in], a new tensor when gathered
+    if tier.padding is not None:
+        # padding rows then add exactly 0 to the row they repeat. Never zero rows of the
+        # caller's input: padding implies a gather (a padding row repeats an index), but
+        # copy if that ever changes.
+        if xp is x:
+            xp = x.clone()
+        xp.index_fill_(0, tier.padding, 0)
+    yp = torch.bmm(xp.view(tier.groups, tier.m, -1), w.transpose(1, 2)).view(-1, out)  # [G*m, out]
+    yp = yp.to(dst.dtype)
+    if scale != 1.0:
+        yp = yp * scale
+    if tier.gather is None and accumulate:
+        dst.add_(yp)
+    elif tier.gather is None:
+        dst.copy_(yp)
+    elif accumulate:
+        dst.index_add_(0, tier.gather, yp)
+    else:
+        dst.index_copy_(0, tier.gather, yp)
 
 
 def _compute_dtype(inputs: Tensor, weights: Tensor, output: Tensor) -> torch.dtype:
