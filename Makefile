@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.mta-installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test model demo-bank bank bench clean help
+.PHONY: install run test model demo-bank bank bench eval clean help
 
 help:
 	@echo "make run    - set up and serve SmolLM2 + demo bank on 127.0.0.1:8000 (CPU vLLM)"
@@ -49,6 +49,11 @@ bench: model
 		echo "== mta bench $$name"; \
 		$(BIN)/mta bench $$name --out bench_results/$$name.json || status=1; \
 	done; exit $$status
+
+# LaMP-2M evaluation of every method on the demo bank's held-out users (docs/results.md).
+eval: model
+	$(BIN)/mta eval --task movie_tagging --data bank_artifacts/data/movie_tagging.json \
+		--bank bank_artifacts/demo --out eval_results/lamp2m
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -123,6 +123,63 @@ def cmd_bank_build(args: argparse.Namespace) -> None:
     print(f"trained {len(report.trained)}, reused {len(report.skipped)} anchors in {report.seconds:.0f} s")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from server.bank.build import BankBuildError, make_task
+    from server.defaults import resolve_model
+    from server.evaluation.methods import parse_methods
+    from server.evaluation.report import markdown_table
+    from server.evaluation.runner import (
+        MAX_NEW_TOKENS,
+        TASK_KIND,
+        TASK_LABELS,
+        EvalConfig,
+        run,
+    )
+    from server.training import TrainConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        task = make_task(args.task, args.history_template, args.prompt_template, args.answer_field)
+        kind = args.metric or TASK_KIND.get(task.name, "generation")
+        methods = parse_methods(args.methods, classification=kind == "classification")
+        if args.bank is None and any(m.bank for m in methods):
+            raise ValueError("the mta_* methods need --bank")
+        path, model_id = resolve_model(_settings(model_path=args.model))
+        config = EvalConfig(
+            task=task,
+            data=args.data,
+            out=args.out,
+            methods=tuple(methods),
+            model_dir=path,
+            model_id=model_id,
+            bank=args.bank,
+            kind=kind,
+            labels=TASK_LABELS.get(task.name, ()),
+            n_few_shot=args.few_shot,
+            max_users=args.max_users,
+            holdout_fraction=args.holdout_fraction,
+            max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS.get(task.name, 32),
+            dtype=args.dtype,
+            task_train=TrainConfig(epochs=args.task_epochs),
+            oppu_train=TrainConfig(rank=8, alpha=16, learning_rate=args.user_lr, epochs=args.user_epochs, batch_size=2),
+            stack_train=TrainConfig(
+                rank=args.stack_rank, alpha=2 * args.stack_rank, learning_rate=args.user_lr, epochs=args.user_epochs,
+                batch_size=2,
+            ),
+            resamples=args.resamples,
+        )
+        result = run(config)
+    except (ValueError, OSError, BankBuildError) as e:
+        sys.exit(f"mta eval: {e}")
+    print(markdown_table(result))
+    print(f"wrote {args.out}/results.json, results.md, results.png, predictions.jsonl in {result['seconds']:.0f} s")
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     import importlib
     import json
@@ -200,6 +257,38 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--keep-work", action="store_true", help="keep the work directory after success")
     build.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is faster on a busy machine)")
     build.set_defaults(func=cmd_bank_build)
+
+    from server.evaluation.methods import DEFAULT_METHODS
+
+    ev = sub.add_parser(
+        "eval",
+        help="LaMP evaluation: MTA against its baselines on the same held-out users, one run",
+        description="Held-out users only (the bank's recorded split); each user's first --few-shot profile items are "
+        "the few-shot set, the rest of the profile plus the query are the evaluation points. Writes results.json, "
+        "results.md, results.png and predictions.jsonl to --out; trained adapters are cached in --out/work.",
+    )
+    ev.add_argument("--task", required=True, help="movie_tagging, news_headline, or a generic task (give templates)")
+    ev.add_argument("--data", type=Path, required=True, help="LaMP per-user JSON file (queries with `gold`)")
+    ev.add_argument("--bank", type=Path, help="meta-LoRA bank (needed by the mta_* methods)")
+    ev.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated; see docs/results.md")
+    ev.add_argument("--out", type=Path, required=True, help="output directory")
+    ev.add_argument("--model", type=Path, help="base model directory (default: the server's default model)")
+    ev.add_argument("--few-shot", type=int, default=5, help="profile items per user used as its few-shot set")
+    ev.add_argument("--max-users", type=int, help="evaluate only the first N held-out users")
+    ev.add_argument("--holdout-fraction", type=float, default=0.5, help="split when the bank records none")
+    ev.add_argument("--max-new-tokens", type=int, help="default: 10 (tags), 50 (headlines)")
+    ev.add_argument("--metric", choices=["classification", "generation", "rating"], help="default: from the task")
+    ev.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="vLLM inference dtype")
+    ev.add_argument("--task-epochs", type=int, default=2, help="task_lora epochs over the anchor pool")
+    ev.add_argument("--user-epochs", type=int, default=3, help="oppu and mta_stack epochs over the few-shot set")
+    ev.add_argument("--user-lr", type=float, default=2e-4, help="oppu and mta_stack learning rate")
+    ev.add_argument("--stack-rank", type=int, default=4, help="mta_stack rank (paper: 4; oppu: 8)")
+    ev.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of users")
+    ev.add_argument("--threads", type=int, help="torch CPU threads for training")
+    ev.add_argument("--history-template", help="generic tasks: history item template")
+    ev.add_argument("--prompt-template", help="generic tasks: instruction template")
+    ev.add_argument("--answer-field", help="generic tasks: the field to predict")
+    ev.set_defaults(func=cmd_eval)
 
     from server.bench import BENCHMARKS
 

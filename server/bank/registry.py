@@ -93,6 +93,10 @@ class BankRegistry:
             uid=f"{manifest.bank_version}#{uid_suffix}",
         )
 
+    def open(self, path: Path) -> ServedBank:
+        """Load a bank without serving it (offline tools: the evaluator)."""
+        return self._load(Path(path), 0)
+
     async def load(self, path: Path) -> tuple[ServedBank | None, ServedBank]:
         """Load a bank beside the current one, then swap; returns (old, new). Raises BankError."""
         async with self._reload_lock:

@@ -1,0 +1,113 @@
+"""LaMP's metrics and user-level bootstrap intervals (pure functions, no model).
+
+A user's evaluation points are correlated (one taste, one writing style), so intervals
+resample users, not points.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+
+MetricKind = Literal["classification", "generation", "rating"]
+METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "f1"),
+    "generation": ("rouge1", "rougeL"),
+    "rating": ("mae", "rmse"),
+}
+HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "rouge1": True, "rougeL": True, "mae": False, "rmse": False}
+
+_EDGES = re.compile(r"^[\s\"'`.,;:!]+|[\s\"'`.,;:!]+$")
+
+
+def normalize_label(text: str) -> str:
+    """A generated label as LaMP compares it: the first line, lower case, quotes and end punctuation off."""
+    first = text.strip().split("\n", 1)[0] if text.strip() else ""
+    return _EDGES.sub("", first).lower()
+
+
+def accuracy(preds: Sequence[str], golds: Sequence[str]) -> float:
+    return float(np.mean([normalize_label(p) == normalize_label(g) for p, g in zip(preds, golds)])) if golds else 0.0
+
+
+def macro_f1(preds: Sequence[str], golds: Sequence[str], labels: Sequence[str]) -> float:
+    """Macro-F1 over the task's label set (LaMP-2M: the 15 tags); an off-list answer is wrong for every label."""
+    from sklearn.metrics import f1_score
+
+    norm = [normalize_label(label) for label in labels]
+    return float(
+        f1_score(
+            [normalize_label(g) for g in golds],
+            [normalize_label(p) for p in preds],
+            labels=norm,
+            average="macro",
+            zero_division=0,
+        )
+    )
+
+
+def rouge(preds: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1 and ROUGE-L F-measures with Porter stemming (LaMP-4/5)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(g, p) for p, g in zip(preds, golds)]
+    return {k: float(np.mean([s[k].fmeasure for s in scores])) if scores else 0.0 for k in ("rouge1", "rougeL")}
+
+
+def parse_rating(text: str, lo: float = 1.0, hi: float = 5.0) -> float | None:
+    """The first number in the output, clipped to the scale; None when there is none."""
+    m = re.search(r"-?\d+(?:\.\d+)?", text)
+    return None if m is None else min(max(float(m.group()), lo), hi)
+
+
+def rating_errors(preds: Sequence[str], golds: Sequence[str], lo: float = 1.0, hi: float = 5.0) -> dict[str, float]:
+    """MAE and RMSE (LaMP-3); an output with no number counts as the farthest end of the scale."""
+    errors = []
+    for p, g in zip(preds, golds):
+        gold = float(g)
+        guess = parse_rating(p, lo, hi)
+        if guess is None:
+            guess = lo if gold - lo >= hi - gold else hi
+        errors.append(guess - gold)
+    e = np.asarray(errors, dtype=np.float64)
+    if not e.size:
+        return {"mae": 0.0, "rmse": 0.0}
+    return {"mae": float(np.abs(e).mean()), "rmse": float(math.sqrt((e**2).mean()))}
+
+
+def score(kind: MetricKind, preds: Sequence[str], golds: Sequence[str], labels: Sequence[str] = ()) -> dict[str, float]:
+    """Every metric of the task kind over the given points."""
+    if kind == "classification":
+        return {"accuracy": accuracy(preds, golds), "f1": macro_f1(preds, golds, labels)}
+    if kind == "generation":
+        return rouge(preds, golds)
+    return rating_errors(preds, golds)
+
+
+def bootstrap_ci(
+    per_user: Sequence[tuple[Sequence[str], Sequence[str]]],
+    metric: Callable[[list[str], list[str]], dict[str, float]],
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of every metric, resampling users with replacement."""
+    rng = np.random.default_rng(seed)
+    n = len(per_user)
+    samples: dict[str, list[float]] = {}
+    for _ in range(resamples):
+        preds: list[str] = []
+        golds: list[str] = []
+        for i in rng.integers(0, n, size=n):
+            preds.extend(per_user[i][0])
+            golds.extend(per_user[i][1])
+        for k, v in metric(preds, golds).items():
+            samples.setdefault(k, []).append(v)
+    tail = (1 - level) / 2 * 100
+    return {k: (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) for k, v in samples.items()}

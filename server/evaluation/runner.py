@@ -1,0 +1,396 @@
+"""`mta eval`: every method on the same held-out users and points, in one run.
+
+Two phases, so the trainer and vLLM never hold the CPU (or memory) at the same time:
+1. train and write every adapter (cached in `<out>/work`, so an interrupted run resumes);
+2. one vLLM engine generates every point of every method, one `LoRARequest` per user.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.adapters import (
+    LoraWeights,
+    adapter_to_bytes,
+    load_adapter,
+    save_adapter,
+    stack,
+)
+from server.bank.build import LAMP2M_TAGS, Task, leave_one_out_examples
+from server.evaluation.methods import Method
+from server.evaluation.metrics import METRICS, MetricKind, bootstrap_ci, normalize_label, score
+from server.evaluation.protocol import (
+    EvalUser,
+    eval_users,
+    load_task_users,
+    split_from_manifest,
+)
+from server.settings import ALLOWED_MAX_LORA_RANKS, Settings
+from server.training import TrainConfig
+
+log = logging.getLogger(__name__)
+
+TASK_KIND: dict[str, MetricKind] = {"movie_tagging": "classification", "news_headline": "generation"}
+TASK_LABELS: dict[str, tuple[str, ...]] = {"movie_tagging": tuple(t.strip() for t in LAMP2M_TAGS.split(","))}
+MAX_NEW_TOKENS: dict[str, int] = {"movie_tagging": 10, "news_headline": 50}  # DESIGN.md section 1
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    task: Task
+    data: Path
+    out: Path
+    methods: tuple[Method, ...]
+    model_dir: Path
+    model_id: str
+    bank: Path | None = None
+    kind: MetricKind = "classification"
+    labels: tuple[str, ...] = ()
+    n_few_shot: int = 5
+    max_users: int | None = None
+    holdout_fraction: float = 0.5  # used only when the bank records no split
+    max_new_tokens: int = 10
+    dtype: str = "bfloat16"  # vLLM's
+    task_train: TrainConfig = field(default_factory=TrainConfig)
+    oppu_train: TrainConfig = field(default_factory=lambda: TrainConfig(rank=8, alpha=16, epochs=3, batch_size=2))
+    stack_train: TrainConfig = field(default_factory=lambda: TrainConfig(rank=4, alpha=8, epochs=3, batch_size=2))
+    resamples: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class Adapter:
+    """One user's served adapter for one method, and what the method stores per user."""
+
+    path: Path
+    rank: int
+    stored_bytes: int = 0
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class AdapterBuilder:
+    """Trains and fuses the adapters of phase 1; each is cached under `work/<method>/<user>`."""
+
+    def __init__(self, cfg: EvalConfig, work: Path, pool: Sequence[Any]) -> None:
+        from server.training import load_base_model, load_tokenizer
+
+        self.cfg, self.work, self.pool = cfg, work, pool
+        self.model = load_base_model(cfg.model_dir)
+        self.tokenizer = load_tokenizer(cfg.model_dir)
+        self.settings = Settings(model_path=cfg.model_dir)
+        self._task_lora: LoraWeights | None = None
+        self._banks: dict[Any, Any] = {}
+
+    # --- cache --------------------------------------------------------------------------
+
+    def _cached(self, method: str, user: str, fingerprint: str, make) -> Adapter:
+        path = self.work / method / user
+        record = path / "eval_record.json"
+        if record.is_file():
+            rec = json.loads(record.read_text())
+            if rec.get("fingerprint") == fingerprint:
+                return Adapter(path, rec["rank"], rec["stored_bytes"], rec["train"])
+        lora, stored_bytes, train = make()
+        save_adapter(lora, path, base_model_name_or_path=self.cfg.model_id)
+        record.write_text(json.dumps({"fingerprint": fingerprint, "rank": lora.rank, "stored_bytes": stored_bytes, "train": train}))
+        return Adapter(path, lora.rank, stored_bytes, train)
+
+    @staticmethod
+    def _train_info(result: Any) -> dict[str, Any]:
+        return {"initial_loss": result.initial_loss, "final_loss": result.final_loss, "seconds": result.seconds, "steps": result.steps}
+
+    # --- shared parts -----------------------------------------------------------------------
+
+    def task_lora(self) -> tuple[LoraWeights, Adapter]:
+        from server.training import train_lora
+
+        cfg = self.cfg
+        examples = [ex for user in self.pool for ex in leave_one_out_examples(user, cfg.task)]
+        if not examples:
+            raise ValueError("task_lora/oppu need anchor-pool users to train on, and the split has none")
+        fp = _digest({"train": dataclasses.asdict(cfg.task_train), "examples": [dataclasses.astuple(e) for e in examples]})
+
+        def make():
+            log.info("training task_lora on %d examples of %d anchor-pool users", len(examples), len(self.pool))
+            result = train_lora(self.model, self.tokenizer, examples, cfg.task_train, progress=_step_bar("task_lora"))
+            return result.lora, 0, self._train_info(result)
+
+        adapter = self._cached("task_lora", "_shared", fp, make)
+        if self._task_lora is None:
+            self._task_lora = load_adapter(adapter.path)
+        return self._task_lora, adapter
+
+    def served_bank(self, method: Method) -> Any:
+        from server.bank.registry import BankRegistry
+
+        key = (method.fusion_mode, method.top_k)
+        if key not in self._banks:
+            settings = self.settings.model_copy(update={"fusion_mode": method.fusion_mode, "top_k": method.top_k, "max_lora_rank": max(ALLOWED_MAX_LORA_RANKS)})
+            config = json.loads((self.cfg.model_dir / "config.json").read_text())
+            self._banks[key] = BankRegistry(settings, self.cfg.model_id, config).open(self.cfg.bank)
+        return self._banks[key]
+
+    def fused(self, method: Method, user: EvalUser) -> LoraWeights:
+        from server.fusion import build_adapter, plan_fusion
+
+        served = self.served_bank(method)
+        emb = served.embedder.embed_user([served.render(item) for item in user.few_shot])
+        plan = plan_fusion(
+            served.bank,
+            emb,
+            bank_uid=served.uid,
+            top_k=served.top_k,
+            mode=served.mode,
+            temperature=self.settings.weight_temperature,
+            round_step=self.settings.weight_round_step,
+        )
+        return build_adapter(served.bank, plan, max(ALLOWED_MAX_LORA_RANKS))
+
+    # --- per method ---------------------------------------------------------------------------
+
+    def build(self, method: Method, user: EvalUser) -> Adapter | None:
+        from server.stacking import stacked_to_bytes, train_stacked
+        from server.training import train_lora
+
+        cfg, uid = self.cfg, str(user.user_id)
+        examples = user.training_examples(cfg.task)
+        if method.name in ("base", "rag"):
+            return None
+        if method.name == "task_lora":
+            return self.task_lora()[1]
+        if method.name == "oppu":
+            task_lora, shared = self.task_lora()
+            fp = _digest({"under": shared.train, "train": dataclasses.asdict(cfg.oppu_train), "ex": [dataclasses.astuple(e) for e in examples]})
+
+            def make_oppu():
+                result = train_lora(self.model, self.tokenizer, examples, cfg.oppu_train, base_adapter=task_lora)
+                return stack(task_lora, result.lora), len(adapter_to_bytes(result.lora)), self._train_info(result)
+
+            return self._cached("oppu", uid, fp, make_oppu)
+        bank_fp = {"bank": str(cfg.bank), "version": self.served_bank(method).version, "mode": method.fusion_mode, "k": method.top_k}
+        if method.name == "mta_stack":
+            fp = _digest({**bank_fp, "train": dataclasses.asdict(cfg.stack_train), "ex": [dataclasses.astuple(e) for e in examples], "few": user.few_shot})
+
+            def make_stack():
+                fused = self.fused(method, user)
+                result = train_stacked(self.model, self.tokenizer, fused, examples, cfg.stack_train)
+                stored = stacked_to_bytes(result.lora, bank_version=self.served_bank(method).version, job_id="eval")
+                return stack(fused, result.lora), len(stored), self._train_info(result)
+
+            return self._cached("mta_stack", uid, fp, make_stack)
+        fp = _digest({**bank_fp, "few": user.few_shot})
+        return self._cached(method.name, uid, fp, lambda: (self.fused(method, user), 0, {}))
+
+
+def _step_bar(desc: str):
+    """A tqdm bar driven by the trainer's progress callback."""
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def progress(step: int, total: int, loss: float) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="step")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if step == total:
+            bar.close()
+
+    return progress
+
+
+# --- phase 2: generation ---------------------------------------------------------------------
+
+
+def generate(cfg: EvalConfig, jobs: dict[str, list[tuple[list[int], Path | None]]]) -> dict[str, list[str]]:
+    """Greedy outputs of every method's prompts, through one vLLM engine with the server's LoRA path."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # a shared machine: let the OS place threads
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    ranks = [load_rank(p) for js in jobs.values() for _, p in js if p is not None]
+    max_rank = min((r for r in ALLOWED_MAX_LORA_RANKS if r >= max(ranks, default=1)), default=max(ALLOWED_MAX_LORA_RANKS))
+    config = json.loads((cfg.model_dir / "config.json").read_text())
+    llm = LLM(
+        model=str(cfg.model_dir),
+        dtype=cfg.dtype,
+        seed=0,
+        enable_lora=True,
+        max_loras=8,
+        max_lora_rank=max_rank,
+        max_cpu_loras=32,
+        max_num_seqs=64,
+        max_model_len=min(2048, int(config.get("max_position_embeddings", 2048))),
+        disable_log_stats=True,
+        gpu_memory_utilization=0.3,
+    )
+    params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.0)
+    ids: dict[Path, int] = {}
+    outputs: dict[str, list[str]] = {}
+    for name, method_jobs in jobs.items():
+        loras = [None if p is None else LoRARequest(f"{name}:{p.name}", ids.setdefault(p, len(ids) + 1), str(p)) for _, p in method_jobs]
+        print(f"[eval] generating {len(method_jobs)} points for {name}", flush=True)
+        results = llm.generate(
+            [TokensPrompt(prompt_token_ids=ids_) for ids_, _ in method_jobs],
+            params,
+            lora_request=loras if any(loras) else None,
+            use_tqdm=True,
+        )
+        outputs[name] = [r.outputs[0].text for r in results]
+    del llm
+    gc.collect()
+    return outputs
+
+
+def load_rank(path: Path) -> int:
+    return int(json.loads((path / "adapter_config.json").read_text())["r"])
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from server.prompts import chat_prompt
+    from server.training import load_tokenizer
+
+    started = time.perf_counter()
+    users, queries = load_task_users(cfg.data, cfg.task)
+    extra: dict[str, Any] = {}
+    if cfg.bank is not None:
+        extra = json.loads((cfg.bank / "manifest.json").read_text()).get("extra") or {}
+    pool, held = split_from_manifest(users, extra, cfg.holdout_fraction)
+    evaluated = eval_users(held, queries, cfg.task, cfg.n_few_shot)[: cfg.max_users]
+    if not evaluated:
+        raise ValueError(f"no held-out user has more than {cfg.n_few_shot} profile items to evaluate on")
+    n_points = sum(len(u.points) for u in evaluated)
+    print(f"[eval] {len(evaluated)} held-out users, {n_points} points, {len(pool)} anchor-pool users", flush=True)
+    work = cfg.out / "work"
+
+    # Phase 1: adapters.
+    adapters: dict[str, list[Adapter | None]] = {}
+    model_methods = [m for m in cfg.methods if m.model]
+    trained = [m for m in model_methods if m.name not in ("base", "rag")]
+    if trained:
+        builder = AdapterBuilder(cfg, work, pool)
+        for m in trained:
+            adapters[m.name] = [builder.build(m, u) for u in tqdm(evaluated, desc=f"adapters: {m.name}", unit="user")]
+        del builder
+        gc.collect()
+
+    # Phase 2: generation.
+    tokenizer = load_tokenizer(cfg.model_dir)
+    jobs: dict[str, list[tuple[list[int], Path | None]]] = {}
+    for m in model_methods:
+        per_user = adapters.get(m.name, [None] * len(evaluated))
+        jobs[m.name] = [
+            (chat_prompt(tokenizer, [{"role": "user", "content": u.prompt(p, with_context=m.context)}]), a.path if a else None)
+            for u, a in zip(evaluated, per_user)
+            for p in u.points
+        ]
+    outputs = generate(cfg, jobs) if jobs else {}
+    for m in cfg.methods:
+        if m.name == "majority":
+            outputs[m.name] = [u.majority_label(cfg.task) for u in evaluated for _ in u.points]
+        elif m.name == "copy_retrieved":
+            outputs[m.name] = [u.copy_retrieved(p, cfg.task) for u in evaluated for p in u.points]
+
+    result = score_run(cfg, evaluated, outputs, adapters)
+    result["seconds"] = time.perf_counter() - started
+    write_outputs(cfg, evaluated, outputs, result)
+    return result
+
+
+def score_run(
+    cfg: EvalConfig, users: Sequence[EvalUser], outputs: dict[str, list[str]], adapters: dict[str, list[Adapter | None]]
+) -> dict[str, Any]:
+    """results.json: every metric with its user-bootstrap interval, and bytes stored per user."""
+    golds = [p.gold for u in users for p in u.points]
+
+    def metric(preds: list[str], gold: list[str]) -> dict[str, float]:
+        return score(cfg.kind, preds, gold, cfg.labels)
+
+    methods: dict[str, dict[str, Any]] = {}
+    for m in cfg.methods:
+        preds = outputs[m.name]
+        per_user, i = [], 0
+        for u in users:
+            per_user.append((preds[i : i + len(u.points)], golds[i : i + len(u.points)]))
+            i += len(u.points)
+        values = metric(preds, golds)
+        cis = bootstrap_ci(per_user, metric, resamples=cfg.resamples, seed=cfg.seed)
+        methods[m.name] = {**values, **{f"{k}_ci": list(cis[k]) for k in values}}
+        if cfg.labels:  # how often the answer is one of the task's labels at all
+            on_list = {normalize_label(label) for label in cfg.labels}
+            methods[m.name]["on_list"] = sum(normalize_label(p) in on_list for p in preds) / max(len(preds), 1)
+    per_user_bytes = {}
+    for m in cfg.methods:
+        stored = [a.stored_bytes for a in adapters.get(m.name, []) if a is not None]
+        per_user_bytes[m.name] = round(sum(stored) / len(stored)) if stored else 0
+    training = {
+        name: {
+            "mean_initial_loss": _mean([a.train.get("initial_loss") for a in ads if a]),
+            "mean_final_loss": _mean([a.train.get("final_loss") for a in ads if a]),
+        }
+        for name, ads in adapters.items()
+        if any(a and a.train for a in ads)
+    }
+    return {
+        "task": cfg.task.name,
+        "n_users": len(users),
+        "n_points": len(golds),
+        "metrics": list(METRICS[cfg.kind]),
+        "methods": methods,
+        "per_user_bytes": per_user_bytes,
+        "training": training,
+        "setup": {
+            "data": str(cfg.data),
+            "bank": str(cfg.bank) if cfg.bank else None,
+            "model": cfg.model_id,
+            "few_shot_items": cfg.n_few_shot,
+            "max_new_tokens": cfg.max_new_tokens,
+            "dtype": cfg.dtype,
+            "task_lora": dataclasses.asdict(cfg.task_train),
+            "oppu": dataclasses.asdict(cfg.oppu_train),
+            "mta_stack": dataclasses.asdict(cfg.stack_train),
+            "bootstrap_resamples": cfg.resamples,
+        },
+    }
+
+
+def _mean(values: list[Any]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def write_outputs(cfg: EvalConfig, users: Sequence[EvalUser], outputs: dict[str, list[str]], result: dict[str, Any]) -> None:
+    from server.evaluation.report import bar_chart, markdown_table
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "results.json").write_text(json.dumps(result, indent=2))
+    (cfg.out / "results.md").write_text(markdown_table(result) + "\n")
+    bar_chart(result, cfg.out / "results.png")
+    with (cfg.out / "predictions.jsonl").open("w") as f:
+        i = 0
+        for u in users:
+            for p in u.points:
+                f.write(json.dumps({"user_id": u.user_id, "gold": p.gold, **{m: outputs[m][i] for m in outputs}}) + "\n")
+                i += 1

@@ -1,0 +1,157 @@
+"""`mta eval`: LaMP's metric code against hand-computed values, and a smoke run on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.bank.build import TASKS, User
+from server.evaluation.methods import parse_methods
+from server.evaluation.metrics import (
+    accuracy,
+    bootstrap_ci,
+    macro_f1,
+    normalize_label,
+    rating_errors,
+    rouge,
+    score,
+)
+from server.evaluation.protocol import eval_users
+from server.evaluation.runner import TASK_LABELS
+
+from .test_bank_build import LAMP_MOVIES, short
+
+TAGS = TASK_LABELS["movie_tagging"]
+
+
+def test_labels_are_compared_as_lamp_does():
+    assert normalize_label('  "Sci-Fi."\nmore text') == "sci-fi"
+    assert normalize_label("comedy") == normalize_label("Comedy!") == "comedy"
+    assert normalize_label("") == ""
+    assert accuracy(["comedy", "Action.", "romance"], ["comedy", "action", "classic"]) == pytest.approx(2 / 3)
+
+
+def test_macro_f1_by_hand():
+    preds = ["comedy", "comedy", "action", "funny", "drama"]
+    golds = ["comedy", "action", "action", "romance", "action"]
+    # comedy: tp 1, fp 1 -> P 1/2, R 1 -> F1 2/3; action: tp 1, fn 2 -> P 1, R 1/3 -> F1 1/2;
+    # romance: its one point answered off-list -> 0. The 12 tags with no gold and no
+    # prediction count 0 each in the macro average over all 15 tags.
+    expected = (2 / 3 + 1 / 2 + 0) / len(TAGS)
+    assert macro_f1(preds, golds, TAGS) == pytest.approx(expected)
+    assert macro_f1(golds, golds, ["comedy", "action", "romance"]) == pytest.approx(1.0)
+
+
+def test_rouge_by_hand_with_stemming():
+    # 2 of 3 unigrams shared both ways -> F 2/3; the LCS "the cat" also has 2 tokens -> 2/3.
+    assert rouge(["the cat sat"], ["the cat ran"]) == pytest.approx({"rouge1": 2 / 3, "rougeL": 2 / 3})
+    # Porter stemming: "cats running" and "cat runs" are the same two stems.
+    assert rouge(["cats running"], ["cat runs"])["rouge1"] == pytest.approx(1.0)
+    # Word order: unigrams all match, the longest common subsequence is 1 of 2.
+    assert rouge(["world hello"], ["hello world"]) == pytest.approx({"rouge1": 1.0, "rougeL": 0.5})
+
+
+def test_rating_errors_by_hand():
+    # errors: 4-5 = -1, 3-3 = 0, no number -> farthest end for gold 2 = 5 -> +3
+    out = rating_errors(["4", "It is a 3.", "great"], ["5", "3", "2"])
+    assert out["mae"] == pytest.approx(4 / 3)
+    assert out["rmse"] == pytest.approx(math.sqrt((1 + 0 + 9) / 3))
+    assert score("rating", ["9"], ["5"]) == {"mae": 0.0, "rmse": 0.0}  # clipped to the 1..5 scale
+
+
+def test_bootstrap_resamples_users_not_points():
+    def metric(p, g):
+        return {"accuracy": accuracy(p, g)}
+
+    # Every user scores 1/2: any resample of users scores 1/2, however many points each has.
+    users = [(["a", "x"], ["a", "b"]), (["a", "x", "a", "x"], ["a", "b", "a", "b"])]
+    assert bootstrap_ci(users, metric, resamples=200)["accuracy"] == pytest.approx((0.5, 0.5))
+    # One perfect user and one wrong user: the interval spans (nearly) all of [0, 1].
+    lo, hi = bootstrap_ci([(["a"], ["a"]), (["x"], ["a"])], metric, resamples=400)["accuracy"]
+    assert lo == 0.0 and hi == 1.0
+
+
+def test_protocol_splits_few_shot_and_points():
+    task = TASKS["movie_tagging"]
+    profile = tuple({"description": f"movie {i} about {'space' if i % 2 else 'love'}", "tag": "sci-fi" if i % 2 else "romance", "id": str(i)} for i in range(7))
+    queries = {1: [{"id": "q", "input": task.instruction({"description": "a space trip"}), "gold": "sci-fi"}]}
+    (user,) = eval_users([User(1, profile), User(2, profile[:3])], queries, task, n_few_shot=5)  # user 2: no points
+    assert user.few_shot == profile[:5] and len(user.points) == 3
+    assert [p.gold for p in user.points] == ["sci-fi", "romance", "sci-fi"]
+    query = user.points[-1]
+    assert "space" in query.context and "Tag: sci-fi" in query.context  # BM25 over the few-shot set only
+    assert user.prompt(query, with_context=False) == query.instruction
+    assert user.prompt(query, with_context=True).startswith("### User History:\n")
+    assert user.copy_retrieved(query, task) == "sci-fi"
+    assert user.majority_label(task) == "romance"  # 3 romance, 2 sci-fi among items 0..4
+    assert len(user.training_examples(task)) == 5
+
+
+def test_unknown_or_misapplied_methods_are_refused():
+    with pytest.raises(ValueError, match="unknown method"):
+        parse_methods("rag,telepathy", classification=True)
+    with pytest.raises(ValueError, match="only apply to classification"):
+        parse_methods("rag,majority", classification=False)
+
+
+@pytest.fixture(scope="module")
+def lamp_file(tmp_path_factory) -> Path:
+    """4 real LaMP-2M users, 7 shortened profile items each (2 pool, 2 held out by the sha split)."""
+    users = json.loads(LAMP_MOVIES.read_text())[:4]
+    data = [
+        {
+            "user_id": u["user_id"],
+            "profile": [short(i) for i in u["profile"][:7]],
+            "query": [{**q, "input": q["input"][: q["input"].index(" description: ") + 75]} for q in u["query"]],
+        }
+        for u in users
+    ]
+    path = tmp_path_factory.mktemp("eval") / "movies.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_smoke_run_writes_every_output(tmp_path, lamp_file, tiny_model_dir, tiny_bank):
+    out = tmp_path / "eval"
+    cmd = [
+        sys.executable, "-m", "server.cli", "eval", "--task", "movie_tagging", "--data", str(lamp_file),
+        "--bank", str(tiny_bank), "--model", str(tiny_model_dir), "--methods", "rag,mta_stack,majority",
+        "--out", str(out), "--dtype", "float32", "--user-epochs", "1", "--resamples", "50", "--threads", "1",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert result["task"] == "movie_tagging" and result["n_users"] == 2
+    assert result["n_points"] == 2 * (7 - 5 + 1)  # the 2 profile items past the few-shot set + the query
+    assert set(result["methods"]) == {"rag", "mta_stack", "majority"}
+    for row in result["methods"].values():
+        for metric in ("accuracy", "f1"):
+            lo, hi = row[metric + "_ci"]
+            assert 0 <= lo <= row[metric] <= hi <= 1
+    assert result["per_user_bytes"]["rag"] == 0 < result["per_user_bytes"]["mta_stack"]
+    # The metric in results.json is the metric of the predictions written beside it.
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == result["n_points"]
+    for name in result["methods"]:
+        assert result["methods"][name]["accuracy"] == pytest.approx(accuracy([p[name] for p in preds], [p["gold"] for p in preds]))
+    assert "| mta_stack |" in (out / "results.md").read_text()
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A second run reuses the trained adapters (cached in out/work) and reproduces the scores.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "adapters: mta_stack" in again.stderr
+    assert json.loads((out / "results.json").read_text())["methods"] == result["methods"]
+
+
+def test_mta_methods_without_a_bank_are_a_clear_error(tmp_path, lamp_file, tiny_model_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.cli", "eval", "--task", "movie_tagging", "--data", str(lamp_file),
+         "--model", str(tiny_model_dir), "--methods", "mta_fuse", "--out", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0 and "the mta_* methods need --bank" in proc.stderr
