@@ -65,6 +65,16 @@ def cmd_bank_random(args: argparse.Namespace) -> None:
     print(write_random_demo_bank(args.out, model_path=path, model_id=model_id, n_anchors=args.anchors))
 
 
+def _offline_setup(threads: int | None) -> None:
+    """Logging and torch threads for the offline trainers (bank build, eval)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def cmd_bank_build(args: argparse.Namespace) -> None:
     from server.bank.build import BankBuildError, BuildConfig, build_bank, make_task
     from server.bank.manifest import FusionDefaults
@@ -72,12 +82,7 @@ def cmd_bank_build(args: argparse.Namespace) -> None:
     from server.embedding import DEFAULT_EMBEDDING_MODEL
     from server.training import ALL_LINEAR, TrainConfig
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _offline_setup(args.threads)
     try:
         task = make_task(args.task, args.history_template, args.prompt_template, args.answer_field)
         train = TrainConfig(
@@ -137,12 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
     from server.training import TrainConfig
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _offline_setup(args.threads)
     try:
         task = make_task(args.task, args.history_template, args.prompt_template, args.answer_field)
         kind = args.metric or TASK_KIND.get(task.name, "generation")

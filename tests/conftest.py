@@ -43,6 +43,17 @@ THEMES: dict[str, list[dict[str, str]]] = {
 HISTORY_TEMPLATE = "Description: {description} Tag: {tag}"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for in-process training of the tiny model, restored after the module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny-llama")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from server.bank.build import (
     TASKS,
@@ -46,12 +45,8 @@ def write_lamp(path: Path, users: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
+def _one_thread(one_torch_thread):
     """The tiny model gains nothing from threads, and on a busy machine they cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -37,12 +37,8 @@ FAST = TrainConfig(rank=4, alpha=8, learning_rate=1e-2, epochs=3, batch_size=2)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
+def _one_thread(one_torch_thread):
     """The tiny model gains nothing from threads, and on a busy machine they cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
