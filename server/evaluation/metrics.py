@@ -6,10 +6,11 @@ resample users, not points.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -52,11 +53,22 @@ def macro_f1(preds: Sequence[str], golds: Sequence[str], labels: Sequence[str]) 
 
 def rouge(preds: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE-1 and ROUGE-L F-measures with Porter stemming (LaMP-4/5)."""
+    pairs = [_rouge_pair(p, g) for p, g in zip(preds, golds)]
+    return {k: float(np.mean([pair[i] for pair in pairs])) if pairs else 0.0 for i, k in enumerate(("rouge1", "rougeL"))}
+
+
+@functools.cache
+def _rouge_scorer() -> Any:
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
-    scores = [scorer.score(g, p) for p, g in zip(preds, golds)]
-    return {k: float(np.mean([s[k].fmeasure for s in scores])) if scores else 0.0 for k in ("rouge1", "rougeL")}
+    return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _rouge_pair(pred: str, gold: str) -> tuple[float, float]:
+    """Cached per point: the bootstrap rescores the same points a thousand times."""
+    s = _rouge_scorer().score(gold, pred)
+    return s["rouge1"].fmeasure, s["rougeL"].fmeasure
 
 
 def parse_rating(text: str, lo: float = 1.0, hi: float = 5.0) -> float | None:
