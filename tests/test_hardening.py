@@ -678,12 +678,12 @@ class TestCrashAndShutdown:
             server.start()
         with server.client() as c:
             put_profile(c, "graceful", PROFILES["romance"])
-            # Requests that take about 4 s, however busy the machine: long enough to be in flight
-            # at the signal, short enough to finish within uvicorn's 30 s.
+            # Requests that take about 8 s, however busy the machine: long enough to be in flight
+            # at the signal even if the load changes, short enough to finish within uvicorn's 30 s.
             start = time.monotonic()
             probe = generate(c, "graceful", "Tell me a long story.", max_tokens=32, min_tokens=32)
             per_token = (time.monotonic() - start) / max(1, probe["usage"]["completion_tokens"])
-        n_tokens = int(min(360, max(16, 4.0 / per_token)))  # 360 + the prompt fit the tiny model's 512 positions
+        n_tokens = int(min(360, max(16, 8.0 / per_token)))  # 360 + the prompt fit the tiny model's 512 positions
         started = [threading.Event() for _ in range(2)]
         finished = [threading.Event() for _ in range(3)]
         results: list[dict] = [{}, {}, {}]
