@@ -47,6 +47,7 @@ PATTERNS: dict[str, tuple[list[int], int]] = {
     "far apart with no adapter": ([0, 37, -1, 37, 0, -1] * 3, 40),
     "long run and stragglers": ([2] * 100 + [0, 1, 3, -1, 1], 4),
     "decode tokens then prefills": ([0, 1, -1, 2] + [3] * 40 + [4] * 35 + [5] * 30, 6),
+    "decode tokens then prefills, all adapted": ([5, 0, 2] + [3] * 40 + [1] * 35 + [4] * 30, 6),
 }
 
 

@@ -14,6 +14,11 @@ worker process (`python -m server.bench.lora_ops --worker JOB --mode stock|ours`
 starts one engine and times every cell. Prefix caching is off, so repeated prompts are
 recomputed. The reported "ratio" is personalized (distinct adapters) throughput over base
 throughput with our ops, prefill-heavy; the JSON also has every cell's raw times.
+
+Each cell also records the CPU time of vLLM's model worker (`cpu_seconds`, "cpu_ratios"):
+on a shared machine wall time mostly measures the other load; with `OMP_NUM_THREADS=1` (no
+OpenMP threads spinning while another is descheduled) the CPU time is a stable measure of
+the work a cell needs.
 """
 
 from __future__ import annotations
@@ -143,6 +148,8 @@ def run_worker(job_path: Path, mode: str, workdir: Path) -> dict[str, Any]:
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
         # A shared machine: let the OS place the threads (pinned threads wait for busy cores).
         "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
+        # vLLM's ops can take minutes for one step on a busy CPU (its default limit is 300 s).
+        "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600"),
         "TOKENIZERS_PARALLELISM": "false",
     }
     log_path = out.with_suffix(".log")
@@ -182,23 +189,30 @@ def summarize(job: dict[str, Any], runs: dict[str, list[dict]]) -> dict[str, Any
         for mode, mode_runs in runs.items():
             for cell in CELLS:
                 times = [r["seconds"][workload][cell] for r in mode_runs]
+                cpu = [r.get("cpu_seconds", {}).get(workload, {}).get(cell) for r in mode_runs]
                 best = min(times)
                 cells.setdefault(workload, {}).setdefault(cell, {})[mode] = {
                     "seconds": best,
                     "all_seconds": times,
                     "output_tokens_per_s": n * spec["max_tokens"] / best,
                     "tokens_per_s": (prompt_tokens + n * spec["max_tokens"]) / best,
+                    "cpu_seconds": min(cpu) if None not in cpu else None,
+                    "all_cpu_seconds": cpu,
                 }
         for mode in runs:
-            base = cells[workload]["base"][mode]["seconds"]
+            base = cells[workload]["base"][mode]
             for cell in CELLS:
-                cells[workload][cell][mode]["vs_base"] = base / cells[workload][cell][mode]["seconds"]
+                c = cells[workload][cell][mode]
+                c["vs_base"] = base["seconds"] / c["seconds"]
+                c["vs_base_cpu"] = base["cpu_seconds"] / c["cpu_seconds"] if c["cpu_seconds"] and base["cpu_seconds"] else None
     ratios = {f"{w}_{m}": cells[w]["distinct"][m]["vs_base"] for w in job["workloads"] for m in runs}
+    cpu_ratios = {f"{w}_{m}": cells[w]["distinct"][m]["vs_base_cpu"] for w in job["workloads"] for m in runs}
     n = len(job["adapters"])
     return {
         "benchmark": "lora-ops",
         "ratio": ratios.get("prefill_ours"),  # None when prefill or ours was not run
         "ratios": ratios,
+        "cpu_ratios": cpu_ratios,  # the same from the model worker's CPU time (robust on a shared machine)
         "setup": {
             "model": Path(job["model"]).name,
             "dtype": "bfloat16",
@@ -224,23 +238,62 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"{setup['model']} bf16, {setup['prompts']} prompts, rank-{setup['rank']} adapters, max_loras={setup['max_loras']}",
         "| workload | adapters | "
-        + " | ".join(f"{m} s | {m} x base" for m in modes)
+        + " | ".join(f"{m} s | {m} x base | {m} cpu s | {m} cpu x base" for m in modes)
         + " |"
         + (" speedup |" if len(modes) == 2 else ""),
-        "|---|---|" + "---:|---:|" * len(modes) + ("---:|" if len(modes) == 2 else ""),
+        "|---|---|" + "---:|---:|---:|---:|" * len(modes) + ("---:|" if len(modes) == 2 else ""),
     ]
     for workload in result["cells"]:
         w = result["setup"][workload]
         label = f"{workload} ({w['mean_prompt_tokens']:.0f} in / {w['output_tokens']} out)"
         for cell in CELLS:
             row = result["cells"][workload][cell]
-            cols = " | ".join(f"{row[m]['seconds']:.2f} | {row[m]['vs_base']:.2f}" for m in modes)
+            cols = " | ".join(
+                f"{row[m]['seconds']:.2f} | {row[m]['vs_base']:.2f} | {_num(row[m]['cpu_seconds'])} | "
+                f"{_num(row[m]['vs_base_cpu'])}"
+                for m in modes
+            )
             speed = f" {row['stock']['seconds'] / row['ours']['seconds']:.1f}x |" if len(modes) == 2 else ""
             lines.append(f"| {label} | {CELL_TITLES[cell]} | {cols} |{speed}")
     lines.append(
         "ratio (distinct adapters / base throughput): " + ", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items())
     )
+    lines.append(
+        "ratio from the model worker's CPU time: " + ", ".join(f"{k} {_num(v)}" for k, v in result.get("cpu_ratios", {}).items())
+    )
     return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def engine_cpu_seconds() -> float:
+    """User + system CPU time of vLLM's model worker process(es) (else: this process and its children).
+
+    On a shared machine, wall time depends on what else runs; the CPU time the model worker
+    spends on a cell much less so. The engine core and this process are left out: they poll
+    the worker while it runs, so their CPU time grows with the wall time.
+    """
+    import psutil
+
+    me = psutil.Process()
+    procs = [me, *me.children(recursive=True)]
+    workers = []
+    for proc in procs:
+        try:
+            if "Worker" in proc.name() or any("Worker" in part for part in proc.cmdline()[:1]):
+                workers.append(proc)
+        except psutil.Error:
+            continue
+    total = 0.0
+    for proc in workers or procs:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
 
 
 # --- worker: one engine, every cell -----------------------------------------------------
@@ -272,22 +325,26 @@ def worker(job_path: Path, mode: str, out: Path) -> None:
     loras = [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(job["adapters"])]
     cell_loras = {"base": None, "one": [loras[0]] * n, "distinct": loras}
 
-    def generate(prompts: list[list[int]], max_tokens: int, lora: list | None) -> float:
+    def generate(prompts: list[list[int]], max_tokens: int, lora: list | None) -> tuple[float, float]:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), engine_cpu_seconds()
         llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, lora_request=lora, use_tqdm=False)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, engine_cpu_seconds() - c
 
     # Load every adapter into vLLM's CPU cache and run each kind of step once before timing.
     warm = job["warmup_prompts"]
     generate(warm, 2, loras)
     generate(warm, 2, None)
     seconds: dict[str, dict[str, float]] = {}
+    cpu_seconds: dict[str, dict[str, float]] = {}
     for workload, spec in job["workloads"].items():
         for cell in CELLS:
-            seconds.setdefault(workload, {})[cell] = generate(spec["prompts"], spec["max_tokens"], cell_loras[cell])
-            print(f"{PROGRESS} {mode}: {workload} {cell}: {seconds[workload][cell]:.2f} s", flush=True)
-    out.write_text(json.dumps({"mode": mode, "seconds": seconds, "start_seconds": start_seconds}))
+            wall, cpu = generate(spec["prompts"], spec["max_tokens"], cell_loras[cell])
+            seconds.setdefault(workload, {})[cell] = wall
+            cpu_seconds.setdefault(workload, {})[cell] = cpu
+            print(f"{PROGRESS} {mode}: {workload} {cell}: {wall:.2f} s ({cpu:.2f} CPU s)", flush=True)
+    result = {"mode": mode, "seconds": seconds, "cpu_seconds": cpu_seconds, "start_seconds": start_seconds}
+    out.write_text(json.dumps(result))
 
 
 def main(argv: list[str] | None = None) -> None:

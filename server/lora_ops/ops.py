@@ -40,6 +40,10 @@ from torch import Tensor
 # smallest at least 1/TIER_RATIO of the largest) and each tier is one batched product over
 # its slots' tokens, padded to its largest group; a tier of one contiguous run is done in
 # place. Prefill of many requests is one tier, decode with many adapters another.
+# Every token is in exactly one piece, so the pieces write disjoint rows. Results go back with
+# gathers (`index_select`) and `index_copy_`, never `index_add_`: on CPU, `index_add_` into a
+# 16-bit tensor is several times slower than the product itself (it was most of the cost of
+# prefill with many adapters).
 MAX_LOOP_RUNS = 2
 TIER_RATIO = 2
 _NARROW = (torch.bfloat16, torch.float16)
@@ -61,8 +65,9 @@ class _Tier:
     Group g holds the tokens of slot `first_slot + g` (a contiguous slot range: the weights
     are read in place; slots in the range without tokens are all padding) or of `slots[g]`
     (weights gathered). Padded row p = g*m + k is the k-th token of group g and `gather[p]`
-    its row in x (None: p). Padding rows repeat a real row and are zeroed (`padding`) before
-    the product, so every padded row can be added back into row `gather[p]`.
+    its row in x (None: p); padding rows repeat some row and their products are dropped.
+    The tier's tokens, ascending, are `rows` (None: every token of the step), and token
+    `rows[j]` takes padded product row `place[j]` (None: j).
     """
 
     first_slot: int | None
@@ -70,7 +75,8 @@ class _Tier:
     groups: int
     m: int
     gather: Tensor | None  # [G*m]
-    padding: Tensor | None  # positions of padding rows, None when there are none
+    place: Tensor | None  # [n]
+    rows: Tensor | None  # [n]
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,8 @@ class _Plan:
     """How to compute one index pattern (shared by every layer and slice of an engine step)."""
 
     num_tokens: int
-    pieces: tuple[_Run | _Tier, ...]
-    covers: bool  # the pieces write every row exactly once (so overwriting needs no zeroing)
+    pieces: tuple[_Run | _Tier, ...]  # disjoint sets of tokens
+    covers: bool  # every token has an adapter: the pieces write every row (overwriting needs no zeroing)
 
 
 def _make_plan(run_slots: list[int], run_lengths: list[int]) -> _Plan:
@@ -109,9 +115,7 @@ def _make_plan(run_slots: list[int], run_lengths: list[int]) -> _Plan:
             j += 1
         pieces.append(_make_piece({slot: members[slot] for slot in by_size[i:j]}, start))
         i = j
-    single = pieces[0] if len(pieces) == 1 and len(adapted) == len(runs) else None
-    covers = isinstance(single, _Tier) and single.padding is None  # tokens reordered, none repeated
-    return _Plan(start, tuple(pieces), covers=covers)
+    return _Plan(start, tuple(pieces), covers=len(adapted) == len(runs))
 
 
 def _make_piece(members: dict[int, list[int]], num_tokens: int) -> _Run | _Tier:
@@ -124,18 +128,25 @@ def _make_piece(members: dict[int, list[int]], num_tokens: int) -> _Run | _Tier:
     in_place = slots[-1] - slots[0] + 1 <= 2 * len(slots)
     group_slots = range(slots[0], slots[-1] + 1) if in_place else slots
     gather: list[int] = []
-    padding: list[int] = []
+    place_of: dict[int, int] = {}
     for slot in group_slots:
         rows = members.get(slot, [])
-        padding.extend(range(len(gather) + len(rows), len(gather) + m))
+        place_of.update((row, len(gather) + k) for k, row in enumerate(rows))
         gather.extend(rows + [rows[0] if rows else 0] * (m - len(rows)))
+    rows = sorted(place_of)
+    place = [place_of[row] for row in rows]
+
+    def index(values: list[int], identity_len: int) -> Tensor | None:
+        return None if values == list(range(identity_len)) else torch.tensor(values, dtype=torch.long)
+
     return _Tier(
         first_slot=slots[0] if in_place else None,
         slots=None if in_place else torch.tensor(slots, dtype=torch.long),
         groups=len(group_slots),
         m=m,
-        gather=None if gather == list(range(num_tokens)) else torch.tensor(gather, dtype=torch.long),
-        padding=torch.tensor(padding, dtype=torch.long) if padding else None,
+        gather=index(gather, num_tokens),
+        place=index(place, len(gather)),
+        rows=index(rows, num_tokens),
     )
 
 
@@ -187,8 +198,7 @@ def _lora_product(x: Tensor, weights: Tensor, dst: Tensor, plan: _Plan, *, scale
     used are cast to x's dtype); dst: [T, out], a view, in the compute dtype or wider.
     """
     if not accumulate and not plan.covers:
-        dst.zero_()  # rows without an adapter get 0; the pieces then add their products
-        accumulate = True
+        dst.zero_()  # rows without an adapter get 0; the pieces overwrite their own rows
     for piece in plan.pieces:
         if isinstance(piece, _Run):
             _run_product(x, weights, dst, piece, scale, accumulate)
@@ -212,34 +222,28 @@ def _run_product(x: Tensor, weights: Tensor, dst: Tensor, run: _Run, scale: floa
 
 
 def _tier_product(x: Tensor, weights: Tensor, dst: Tensor, tier: _Tier, scale: float, accumulate: bool) -> None:
-    # dst[gather[p]] (+)= (x[gather[p]] @ weights[slot of p].T) * scale; overwriting only when
-    # the tier writes every row once
+    # for the tier's tokens t: dst[t] (+)= (x[t] @ weights[slot of t].T) * scale
     out = dst.shape[1]
     if tier.first_slot is not None:
         w = weights[tier.first_slot : tier.first_slot + tier.groups, :out]  # [G, out, in], a view
     else:
         w = weights.index_select(0, tier.slots)[:, :out]
     w = w.to(x.dtype)
-    xp = x if tier.gather is None else x.index_select(0, tier.gather)  # [G*m, in], a new tensor when gathered
-    if tier.padding is not None:
-        # padding rows then add exactly 0 to the row they repeat. Never zero rows of the
-        # caller's input: padding implies a gather (a padding row repeats an index), but
-        # copy if that ever changes.
-        if xp is x:
-            xp = x.clone()
-        xp.index_fill_(0, tier.padding, 0)
+    xp = x if tier.gather is None else x.index_select(0, tier.gather)  # [G*m, in]; x is only read
     yp = torch.bmm(xp.view(tier.groups, tier.m, -1), w.transpose(1, 2)).view(-1, out)  # [G*m, out]
-    yp = yp.to(dst.dtype)
+    y = yp if tier.place is None else yp.index_select(0, tier.place)  # [n, out], token order
+    y = y.to(dst.dtype)
     if scale != 1.0:
-        yp = yp * scale
-    if tier.gather is None and accumulate:
-        dst.add_(yp)
-    elif tier.gather is None:
-        dst.copy_(yp)
-    elif accumulate:
-        dst.index_add_(0, tier.gather, yp)
+        y = y * scale
+    if tier.rows is None:  # the tier is every token of the step
+        if accumulate:
+            dst.add_(y)
+        else:
+            dst.copy_(y)
+    elif accumulate:  # rows are distinct: read, add, write back (index_add_ is slow on CPU)
+        dst.index_copy_(0, tier.rows, dst.index_select(0, tier.rows).add_(y))
     else:
-        dst.index_copy_(0, tier.gather, yp)
+        dst.index_copy_(0, tier.rows, y)
 
 
 def _compute_dtype(inputs: Tensor, weights: Tensor, output: Tensor) -> torch.dtype:
