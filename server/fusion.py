@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from server.adapter_cache import AdapterKey
-from server.adapters import LoraWeights, check_fusion_plan, fuse, save_adapter, stack
+from server.adapters import LoraWeights, fuse, save_adapter
 from server.bank.loader import Bank
 
 
@@ -74,13 +75,18 @@ def build_adapter(bank: Bank, plan: FusionPlan, max_rank: int, stacked: LoraWeig
     """The one adapter vLLM serves for this plan: fused anchors, plus the stacked LoRA if any."""
     loras = [bank.loras[a] for a, _ in plan.anchors]
     weights = [w for _, w in plan.anchors]
-    check_fusion_plan(loras, weights, plan.mode, max_rank, stacked=stacked)
-    fused = fuse(plan.mode, loras, weights)
-    return stack(fused, stacked) if stacked is not None else fused
+    return fuse(plan.mode, loras, weights, stacked=stacked, max_rank=max_rank)
 
 
-def materialize(bank: Bank, plan: FusionPlan, path: Path, max_rank: int, stacked: LoraWeights | None = None) -> int:
+def materialize(
+    bank: Bank,
+    plan: FusionPlan,
+    path: Path,
+    max_rank: int,
+    stacked: LoraWeights | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> int:
     """Write the plan's adapter as a PEFT directory at `path`; returns its rank."""
     lora = build_adapter(bank, plan, max_rank, stacked)
-    save_adapter(lora, path, base_model_name_or_path=bank.manifest.base_model)
+    save_adapter(lora, path, base_model_name_or_path=bank.manifest.base_model, dtype=dtype)
     return lora.rank

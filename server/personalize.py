@@ -22,6 +22,9 @@ from server.stacking import STACKED_BLOB, StackedBlob
 from server.store import UserRecord, UserStore
 
 
+_ADAPTER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def zero_lora(like: LoraWeights) -> LoraWeights:
     """A rank-1 adapter with B = 0 on the modules of `like`: the base model, served as a LoRA."""
     a = {m: torch.zeros(1, t.shape[1]) for m, t in like.a.items()}
@@ -78,6 +81,8 @@ class Personalizer:
         self.metrics = metrics
         self._ranks: dict[int, int] = {}  # lora_int_id -> rank, for responses
         self._base_needs_zero_adapter = settings.device == "cpu" and not settings.fast_cpu_lora_ops
+        # vLLM casts adapters to the model's dtype on load: writing them in it halves the bytes.
+        self._adapter_dtype = _ADAPTER_DTYPES.get(settings.dtype, torch.float32)
 
     def _validate_items(self, items: list[dict[str, Any]]) -> None:
         s = self.settings
@@ -150,6 +155,7 @@ class Personalizer:
                     zero_lora(next(iter(bank.loras.values()))),
                     path,
                     base_model_name_or_path=bank.manifest.base_model,
+                    dtype=self._adapter_dtype,
                 )
 
             async with self.cache.lease(AdapterKey(ctx.served.uid, (), "zero"), build_zero) as (entry, hit):
@@ -161,7 +167,7 @@ class Personalizer:
         rank_holder: list[int] = []
 
         def fuse_and_write(path: Any) -> int:
-            return materialize(bank, plan, path, max_rank, stacked.lora() if stacked else None)
+            return materialize(bank, plan, path, max_rank, stacked.lora() if stacked else None, self._adapter_dtype)
 
         async def build(path: Any) -> None:
             start = time.perf_counter()

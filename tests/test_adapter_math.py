@@ -200,6 +200,32 @@ def test_stacked_adapter_serves_like_two_active_peft_adapters(
     assert_serves_like(peft_model, ["fused", "qv"], stacked, tmp_path / "stacked")
 
 
+@pytest.mark.parametrize("mode", ["linear", "cat"])
+def test_fuse_with_stacking_is_stack_of_the_fusion(loras: dict, mode: str) -> None:
+    anchors, weights = [loras["x"], loras["y"]], [0.7, 0.3]
+    expected = stack(fuse(mode, anchors, weights), loras["qv"])
+    got = fuse(mode, anchors, weights, stacked=loras["qv"], max_rank=32)
+
+    assert got.rank == expected.rank == (4 if mode == "linear" else 8) + 2
+    assert_deltas(got, {m: expected.delta(m) for m in expected.modules})
+    with pytest.raises(FusionError, match="exceeds max_rank"):
+        fuse(mode, anchors, weights, stacked=loras["qv"], max_rank=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_written_safetensors_read_back_exactly(loras: dict, tmp_path, dtype: torch.dtype) -> None:
+    lora = fuse_cat([loras["x"], loras["qv"]], [0.6, 0.4])
+    path = save_adapter(lora, tmp_path / "adapter", base_model_name_or_path="tiny-llama", dtype=dtype)
+    tensors = load_file(path / "adapter_model.safetensors")  # safetensors' own reader validates the layout
+
+    assert len(tensors) == 2 * len(lora.modules)
+    for m in lora.modules:
+        got_a = tensors[f"base_model.model.{m}.lora_A.weight"]
+        got_b = tensors[f"base_model.model.{m}.lora_B.weight"]
+        assert got_a.dtype == got_b.dtype == dtype
+        assert torch.equal(got_a, lora.a[m].to(dtype)) and torch.equal(got_b, lora.b[m].to(dtype))
+
+
 def test_save_load_round_trip_replaces_existing_dir(loras: dict, tmp_path) -> None:
     path = tmp_path / "adapter"
     save_adapter(loras["x"], path, base_model_name_or_path="tiny-llama")

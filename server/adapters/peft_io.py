@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, load_file, save, save_file
+from safetensors.torch import load, load_file, save
 from torch import Tensor
 
 from .math import LoraWeights, fold_scaling, get_scaling
@@ -180,7 +180,7 @@ def save_adapter(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would hide it from a server run as another user
-        save_file(_peft_tensors(lora, dtype), tmp / WEIGHTS_NAME)
+        write_safetensors(_peft_tensors(lora, dtype), tmp / WEIGHTS_NAME)
         config = _adapter_config(lora, base_model_name_or_path)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         _move_into_place(tmp, path)
@@ -197,6 +197,30 @@ def _peft_tensors(lora: LoraWeights, dtype: torch.dtype) -> dict[str, Tensor]:
         tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = lora.a[m].to(dtype).contiguous()  # [r, in]
         tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = lora.b[m].to(dtype).contiguous()  # [out, r]
     return tensors
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def write_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
+    """Write contiguous tensors as a safetensors file (8-byte header size, JSON header, data).
+
+    safetensors' own torch writer spends about 25 us per tensor in Python: 10 ms for the 420
+    tensors of an all-linear adapter, the whole per-user fusion budget. This one writes the
+    header, then hands each tensor's memory to the file without a copy. Files are read back
+    with safetensors' loader, PEFT and vLLM in the tests.
+    """
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        f.writelines(t.reshape(-1).view(torch.uint8).numpy() for t in tensors.values())
 
 
 def _adapter_config(lora: LoraWeights, base_model_name_or_path: str) -> dict[str, Any]:

@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peft-runs", type=int, default=5, help="timed runs of PEFT per configuration (~2 s each)")
     p.add_argument("--max-seconds", type=float, default=10.0, help="time bound per configuration and side")
     p.add_argument("--round-step", type=float, default=0.05, help="weight rounding (the server's default)")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default="bfloat16",
+        help="dtype ours writes (the server writes its model dtype, MTA_DTYPE); PEFT writes its model's, float32",
+    )
     return p
 
 
@@ -126,6 +132,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "target_modules": "all linear (7 per layer)",
             "modules": setup.n_modules,
             "round_step": opts.round_step,
+            "dtype_ours": opts.dtype,
+            "dtype_peft": "float32",
             "adapter_dir": "tmpfs (/dev/shm)" if str(setup.out).startswith("/dev/shm") else str(setup.out.parent),
             "adapter_bytes": adapter_bytes,
             "peft_linear_note": "PEFT linear = sum sqrt(w s) A, sum sqrt(w s) B (not the paper's); timed as the PEFT way",
@@ -231,13 +239,15 @@ class _Setup:
     # --- ours: the server's cache-miss path ---------------------------------------------------
 
     def ours(self, k: int, mode: str, stacking: bool, i: int) -> None:
+        import torch
+
         from server.adapters import adapter_from_bytes
         from server.fusion import materialize
 
         path = self.out / f"ours-{k}-{mode}-{int(stacking)}-{i}"
         plan = self._plan(k, mode, i)
         stacked = adapter_from_bytes(self.stacked_bytes) if stacking else None
-        materialize(self.bank, plan, path, 512, stacked)
+        materialize(self.bank, plan, path, 512, stacked, getattr(torch, self.opts.dtype))
         self._record_size(f"{k}-{mode}-{int(stacking)}", path)
         shutil.rmtree(path, ignore_errors=True)  # untimed in the server (eviction); cheap here
 
