@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import redis
+
+from server.launcher import free_port
 
 REDIS_URL_ENV = "MTA_TEST_REDIS_URL"
 _START_TIMEOUT = 10.0
@@ -103,12 +104,6 @@ def start_redis_server(tmp_dir: str | Path, attempts: int = 3) -> RedisServer:
             if attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def delete_prefix(url: str, prefix: str) -> None:

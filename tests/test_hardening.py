@@ -434,8 +434,6 @@ def full_disk_server(tmp_path_factory, tiny_model_dir, tiny_bank) -> Iterator[tu
     and the tmpfs as the test process sees it (through /proc/<pid>/root)."""
     import sys
 
-    from . import server_process
-
     tmp = tmp_path_factory.mktemp("enospc")
     if not userns_tmpfs_available(tmp):
         pytest.skip("cannot mount a tmpfs in a user namespace here (unshare -Urm)")
@@ -450,12 +448,9 @@ def full_disk_server(tmp_path_factory, tiny_model_dir, tiny_bank) -> Iterator[tu
     launcher.chmod(0o755)
     env = server_env(tmp, tiny_model_dir, tiny_bank, MTA_ADAPTER_CACHE_DIR=str(mnt / "adapters"))
     env.update(ADAPTER_FS=str(mnt), ADAPTER_FS_SIZE=TMPFS_SIZE)
-    proc = ServerProcess(tmp, env)
+    proc = ServerProcess(tmp, env, executable=str(launcher))  # `python -m server.cli` inside the namespace
     try:
-        # ServerProcess runs `sys.executable -m server.cli`: run it through the launcher instead.
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(server_process, "sys", type("Sys", (), {"executable": str(launcher)}))
-            proc.start()
+        proc.start()
         fs = Path(f"/proc/{proc.proc.pid}/root") / mnt.relative_to("/")
         assert (fs / "adapters").is_dir(), "the tmpfs is not visible through /proc/<pid>/root"
         yield proc, fs

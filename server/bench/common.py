@@ -15,14 +15,13 @@ import os
 import platform
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
+
+from server.launcher import ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
 LAMP_MOVIES = REPO / "bank_artifacts" / "data" / "movie_tagging.json"
@@ -222,12 +221,6 @@ def tmpfs_dir(prefix: str) -> Path:
 # --- the real server in a subprocess ------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_env(work: Path, model_dir: Path, bank: Path, **extra: str) -> dict[str, str]:
     """`mta serve` settings for a benchmark server: its own data and adapter directories, bf16, quiet."""
     env = {
@@ -239,80 +232,19 @@ def server_env(work: Path, model_dir: Path, bank: Path, **extra: str) -> dict[st
         "MTA_LOG_LEVEL": "warning",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),  # shared machine: OS places threads
     }
     env.update(extra)
     return env
 
 
-class BenchServer:
-    """`mta serve` in a subprocess on a free loopback port; ready when /readyz answers 200.
+class BenchServer(ServerProcess):
+    """A benchmark's server: its tmpfs adapter cache (see `server_env`) goes when it stops."""
 
-    (tests/server_process.py does the same for the tests; the server package must not import
-    the tests, so this is its small twin.)
-    """
-
-    def __init__(self, work: Path, env: dict[str, str], name: str = "server") -> None:
-        self.work = work
-        self.env = env
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = work / f"{name}-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-        self.start_seconds: float | None = None
-
-    def start(self, timeout: float = 300) -> BenchServer:
-        import httpx
-
-        env = {**os.environ, **self.env, "MTA_PORT": str(self.port), "MTA_HOST": "127.0.0.1"}
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # a shared machine: let the OS place threads
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - the server's log for its whole life
-        started = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve"],
-            cwd=self.work,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    self.start_seconds = time.perf_counter() - started
-                    return self
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 60) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # the server's own process group only
-                self.proc.wait()
-        if self.proc is not None:
-            self._log.close()
-        self.proc = None
+    def stop(self, timeout: float = 60, sig: int = signal.SIGINT) -> int | None:
+        code = super().stop(timeout, sig)
         shutil.rmtree(self.env.get("MTA_ADAPTER_CACHE_DIR", ""), ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        if self.proc is None:
-            self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return code
 
 
 def check_loopback(url: str) -> str:
