@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.adapters import serving_dtype
 from server.errors import Conflict, InvalidInput, NotFound, TooManyRequests
 from server.personalize import Personalizer
 from server.settings import Settings
@@ -256,7 +257,9 @@ class JobRunner:
         )
         await asyncio.to_thread(self._load)
         result = await asyncio.to_thread(train_stacked, self._model, self._tokenizer, fused, examples, config, progress)
-        data = stacked_to_bytes(result.lora, bank_version=ctx.served.version, job_id=job["job_id"])
+        data = stacked_to_bytes(
+            result.lora, bank_version=ctx.served.version, job_id=job["job_id"], dtype=serving_dtype(self.settings.dtype)
+        )
         version = await self.store.put_blob(user_id, STACKED_BLOB, data)
         return {
             "status": "succeeded",

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from server.adapter_cache import AdapterCache, AdapterKey
-from server.adapters import LoraWeights, save_adapter
+from server.adapters import LoraWeights, save_adapter, serving_dtype
 from server.bank.registry import BankRegistry, ServedBank
 from server.errors import InvalidInput, NotFound
 from server.fusion import FusionPlan, materialize, plan_fusion
@@ -20,9 +20,6 @@ from server.metrics import Metrics
 from server.settings import Settings
 from server.stacking import STACKED_BLOB, StackedBlob
 from server.store import UserRecord, UserStore
-
-
-_ADAPTER_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def zero_lora(like: LoraWeights) -> LoraWeights:
@@ -81,8 +78,7 @@ class Personalizer:
         self.metrics = metrics
         self._ranks: dict[int, int] = {}  # lora_int_id -> rank, for responses
         self._base_needs_zero_adapter = settings.device == "cpu" and not settings.fast_cpu_lora_ops
-        # vLLM casts adapters to the model's dtype on load: writing them in it halves the bytes.
-        self._adapter_dtype = _ADAPTER_DTYPES.get(settings.dtype, torch.float32)
+        self._adapter_dtype = serving_dtype(settings.dtype)
 
     def _validate_items(self, items: list[dict[str, Any]]) -> None:
         s = self.settings

@@ -10,7 +10,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.adapters import LoraWeights, adapter_from_bytes, adapter_metadata, adapter_to_bytes
+import torch
+
+from server.adapters import (
+    LoraWeights,
+    adapter_from_bytes,
+    adapter_metadata,
+    adapter_to_bytes,
+)
 from server.prompts import retrieve_top1, user_content
 from server.training import Example, TrainConfig, TrainResult, train_lora
 
@@ -35,8 +42,11 @@ class StackedBlob:
         return adapter_from_bytes(self.data)
 
 
-def stacked_to_bytes(lora: LoraWeights, *, bank_version: str, job_id: str) -> bytes:
-    return adapter_to_bytes(lora, extra={"bank_version": bank_version, "job_id": job_id})
+def stacked_to_bytes(
+    lora: LoraWeights, *, bank_version: str, job_id: str, dtype: torch.dtype = torch.float32
+) -> bytes:
+    """Stored in the serving dtype (`serving_dtype`): the served adapter is the same, the bytes half."""
+    return adapter_to_bytes(lora, extra={"bank_version": bank_version, "job_id": job_id}, dtype=dtype)
 
 
 def training_examples(pairs: Sequence[tuple[str, str]], history: Sequence[str], rendered: Sequence[str]) -> list[Example]:

@@ -29,6 +29,7 @@ from server.adapters import (
     load_adapter,
     lora_from_peft_model,
     save_adapter,
+    serving_dtype,
     stack,
 )
 
@@ -224,6 +225,22 @@ def test_written_safetensors_read_back_exactly(loras: dict, tmp_path, dtype: tor
         got_b = tensors[f"base_model.model.{m}.lora_B.weight"]
         assert got_a.dtype == got_b.dtype == dtype
         assert torch.equal(got_a, lora.a[m].to(dtype)) and torch.equal(got_b, lora.b[m].to(dtype))
+
+
+@pytest.mark.parametrize("mode", ["linear", "cat"])
+def test_a_stacked_lora_stored_in_bf16_serves_the_same_bf16_adapter(loras: dict, mode: str) -> None:
+    """The server stores stacked LoRAs in the model's dtype: vLLM casts to it anyway."""
+    user = fold_scaling(loras["qv"])  # the trainer's LoRAs have scaling 1 (alpha = r)
+    stored = adapter_from_bytes(adapter_to_bytes(user, dtype=serving_dtype("bfloat16")))
+    anchors, weights = [loras["x"], loras["y"]], [0.7, 0.3]
+    exact = fuse(mode, anchors, weights, stacked=user)
+    served = fuse(mode, anchors, weights, stacked=stored)
+
+    assert serving_dtype("auto") == serving_dtype("float32") == torch.float32
+    assert not all(torch.equal(stored.a[m], user.a[m]) for m in user.modules)  # it was rounded
+    for m in exact.modules:
+        assert torch.equal(served.a[m].bfloat16(), exact.a[m].bfloat16())
+        assert torch.equal(served.b[m].bfloat16(), exact.b[m].bfloat16())
 
 
 def test_save_load_round_trip_replaces_existing_dir(loras: dict, tmp_path) -> None:

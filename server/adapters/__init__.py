@@ -22,6 +22,7 @@ from .peft_io import (
     load_adapter,
     lora_from_peft_model,
     save_adapter,
+    serving_dtype,
 )
 
 __all__ = [
@@ -41,5 +42,6 @@ __all__ = [
     "load_adapter",
     "lora_from_peft_model",
     "save_adapter",
+    "serving_dtype",
     "stack",
 ]

@@ -263,10 +263,21 @@ def _move_into_place(new: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def adapter_to_bytes(lora: LoraWeights, extra: dict[str, str] | None = None) -> bytes:
-    """Serialize as float32 safetensors bytes, rank and scaling (and `extra`) in the metadata (for a DB)."""
+def adapter_to_bytes(
+    lora: LoraWeights, extra: dict[str, str] | None = None, dtype: torch.dtype = torch.float32
+) -> bytes:
+    """Serialize as safetensors bytes, rank and scaling (and `extra`) in the metadata (for a DB)."""
     metadata = {**(extra or {}), "rank": str(lora.rank), "scaling": repr(lora.scaling)}
-    return save(_peft_tensors(lora, torch.float32), metadata=metadata)
+    return save(_peft_tensors(lora, dtype), metadata=metadata)
+
+
+def serving_dtype(model_dtype: str) -> torch.dtype:
+    """The dtype vLLM casts a loaded adapter to: the model's (`MTA_DTYPE`; float32 for "auto").
+
+    Adapters written or stored in it are served exactly as float32 ones, in half the bytes
+    for 16-bit models.
+    """
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(model_dtype, torch.float32)
 
 
 def adapter_metadata(data: bytes) -> dict[str, str]:

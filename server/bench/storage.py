@@ -2,7 +2,8 @@
 
 Per user this server stores the profile (the user's own history items, JSON), the user
 embedding (float32, as the store keeps it) and, only after a fine-tune, the stacked LoRA
-(rank 4 on all linear modules, float32 safetensors bytes as `server.stacking` stores it).
+(rank 4 on all linear modules, safetensors bytes in the model's dtype as `server.stacking`
+stores it: `--dtype`, bfloat16 by default as the server).
 The alternatives: OPPU (one LoRA per user, rank 8 on q_proj and v_proj) and, for scale, one
 full meta-LoRA (rank 8, all linear; the bank holds one per anchor, shared by every user).
 
@@ -44,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mta bench storage", description="bytes per user: ours vs one OPPU LoRA per user")
     p.add_argument("--model", type=Path, help="measured model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--stacked-rank", type=int, default=4)
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="the server's MTA_DTYPE: stacked LoRAs are stored in it",
+    )
     p.add_argument("--oppu-rank", type=int, default=8)
     p.add_argument("--meta-rank", type=int, default=8)
     p.add_argument("--embedding-dim", type=int, default=384, help="user embedding size (all-MiniLM-L6-v2: 384)")
@@ -125,7 +132,7 @@ def per_model(
     meta = {dt: lora_bytes(config, opts.meta_rank, ALL_LINEAR, dt) for dt in DTYPE_BYTES}
     stacked_bf16 = lora_bytes(config, opts.stacked_rank, ALL_LINEAR, "BF16", stacked=True)
     ours_fused = embedding + profile
-    ours_stacked = ours_fused + stacked
+    ours_stacked = ours_fused + (stacked if opts.dtype == "float32" else stacked_bf16)  # 16-bit: same size
     out: dict[str, Any] = {
         "model": name,
         "shapes": {
@@ -202,12 +209,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_definition": f"OPPU rank-{opts.oppu_rank} q,v LoRA fp32 bytes / ours (profile + embedding), {models[0]['model']}",
         "ratios": {m["model"]: m["ratios"] for m in models},
         "setup": {
-            "stacked": f"rank {opts.stacked_rank}, all linear, fp32 (as stored)",
+            "stacked": f"rank {opts.stacked_rank}, all linear, stored in {opts.dtype} (MTA_DTYPE)",
             "oppu": f"rank {opts.oppu_rank}, q_proj + v_proj",
             "meta_lora": f"rank {opts.meta_rank}, all linear",
             "embedding": f"{opts.embedding_dim} x float32",
             "profile": f"LaMP-2M profiles as JSON, median over {profile['users']} users ({profile['median']:.0f} B)",
             "anchors": opts.anchors,
+            "stacked_rank": opts.stacked_rank,
+            "stored_dtype": opts.dtype,
             "users": opts.users,
         },
         "profile_bytes": profile,
@@ -246,7 +255,7 @@ def format_table(result: dict[str, Any]) -> str:
         [
             "model",
             "ours: profile+embedding",
-            "ours: + stacked r4 (fp32)",
+            f"ours: + stacked r{result['setup']['stacked_rank']} ({result['setup']['stored_dtype']})",
             "OPPU r8 q,v (fp32)",
             "meta-LoRA r8 (fp32)",
             "OPPU / ours",
