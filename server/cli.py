@@ -138,6 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         TASK_KIND,
         TASK_LABELS,
         EvalConfig,
+        format_timings,
         run,
     )
     from server.training import TrainConfig
@@ -172,11 +173,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 batch_size=2,
             ),
             resamples=args.resamples,
+            folds=args.folds,
         )
         result = run(config)
     except (ValueError, OSError, BankBuildError) as e:
         sys.exit(f"mta eval: {e}")
     print(markdown_table(result))
+    print(f"timings: {format_timings(result['timings'])}")
     print(f"wrote {args.out}/results.json, results.md, results.png, predictions.jsonl in {result['seconds']:.0f} s")
 
 
@@ -265,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="LaMP evaluation: MTA against its baselines on the same held-out users, one run",
         description="Held-out users only (the bank's recorded split); each user's first --few-shot profile items are "
         "the few-shot set, the rest of the profile plus the query are the evaluation points. Writes results.json, "
-        "results.md, results.png and predictions.jsonl to --out; trained adapters are cached in --out/work.",
+        "results.md, results.png and predictions.jsonl to --out; trained adapters are cached in --out/work. "
+        "--folds 2 evaluates every user: fold 2 swaps anchor pool and held-out users, with a second bank built "
+        "with the given bank's recorded settings (cached in --out/work/fold2-bank).",
     )
     ev.add_argument("--task", required=True, help="movie_tagging, news_headline, or a generic task (give templates)")
     ev.add_argument("--data", type=Path, required=True, help="LaMP per-user JSON file (queries with `gold`)")
@@ -274,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, required=True, help="output directory")
     ev.add_argument("--model", type=Path, help="base model directory (default: the server's default model)")
     ev.add_argument("--few-shot", type=int, default=5, help="profile items per user used as its few-shot set")
-    ev.add_argument("--max-users", type=int, help="evaluate only the first N held-out users")
+    ev.add_argument("--max-users", type=int, help="evaluate only the first N held-out users (of each fold)")
+    ev.add_argument("--folds", type=int, choices=[1, 2], default=1,
+                    help="2: also evaluate the anchor-pool users, with a second bank built on the held-out users "
+                    "(same build settings, read from the bank's manifest) and task_lora per fold; one results.json")
     ev.add_argument("--holdout-fraction", type=float, default=0.5, help="split when the bank records none")
     ev.add_argument("--max-new-tokens", type=int, help="default: 10 (tags), 50 (headlines)")
     ev.add_argument("--metric", choices=["classification", "generation", "rating"], help="default: from the task")

@@ -47,6 +47,20 @@ def test_macro_f1_by_hand():
     assert macro_f1(golds, golds, ["comedy", "action", "romance"]) == pytest.approx(1.0)
 
 
+def test_macro_f1_is_sklearns():
+    import random
+
+    from sklearn.metrics import f1_score
+
+    rng = random.Random(0)
+    norm = [normalize_label(t) for t in TAGS]
+    for n in range(1, 60, 3):
+        preds = [rng.choice([*TAGS, "drama", "Comedy.", "", "sci-fi\nmore"]) for _ in range(n)]
+        golds = [rng.choice(TAGS[:6]) for _ in range(n)]
+        expected = f1_score([normalize_label(g) for g in golds], [normalize_label(p) for p in preds], labels=norm, average="macro", zero_division=0)
+        assert macro_f1(preds, golds, TAGS) == pytest.approx(expected)
+
+
 def test_rouge_by_hand_with_stemming():
     # 2 of 3 unigrams shared both ways -> F 2/3; the LCS "the cat" also has 2 tokens -> 2/3.
     assert rouge(["the cat sat"], ["the cat ran"]) == pytest.approx({"rouge1": 2 / 3, "rougeL": 2 / 3})
@@ -155,3 +169,80 @@ def test_mta_methods_without_a_bank_are_a_clear_error(tmp_path, lamp_file, tiny_
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode != 0 and "the mta_* methods need --bank" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def built_bank(tmp_path_factory, lamp_file, tiny_model_dir, embedder, one_torch_thread) -> Path:
+    """A bank built by `mta bank build`'s code on the 4 users: 2 anchor-pool users, 2 held out, 1 anchor."""
+    from server.bank.build import BuildConfig, build_bank
+    from server.training import TrainConfig
+
+    config = BuildConfig(
+        task=TASKS["movie_tagging"], n_anchors=1, holdout_fraction=0.5, dtype="bf16", meta_data="cluster",
+        train=TrainConfig(rank=4, alpha=8, epochs=1, max_length=256, target_modules=("q_proj", "v_proj")),
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("built") / "bank"
+    return build_bank(lamp_file, out, config, model_dir=tiny_model_dir, embedder=embedder, progress=False).path
+
+
+def test_two_folds_evaluate_every_user_once_with_both_banks(tmp_path, lamp_file, tiny_model_dir, built_bank):
+    from server.evaluation.folds import build_config_from_manifest, fold2_build_config, make_folds, read_manifest_json
+    from server.evaluation.runner import EvalConfig
+
+    out = tmp_path / "eval"
+    cmd = [
+        sys.executable, "-m", "server.cli", "eval", "--task", "movie_tagging", "--data", str(lamp_file),
+        "--bank", str(built_bank), "--model", str(tiny_model_dir), "--methods", "task_lora,mta_fuse,majority",
+        "--out", str(out), "--dtype", "float32", "--task-epochs", "1", "--resamples", "50", "--threads", "1",
+        "--folds", "2",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    split = read_manifest_json(built_bank)["extra"]["split"]
+    fold1, fold2 = result["folds"]
+    # Every user is evaluated exactly once: fold 1 the bank's held-out users, fold 2 its anchor pool.
+    assert sorted(fold1["users"]) == sorted(split["held_out"]) and sorted(fold2["users"]) == sorted(split["anchor_pool"])
+    assert result["n_users"] == 4 == fold1["n_users"] + fold2["n_users"]
+    assert result["n_points"] == 4 * (7 - 5 + 1) == fold1["n_points"] + fold2["n_points"]
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    by_fold = {(p["user_id"], p["fold"]) for p in preds}
+    assert len(preds) == result["n_points"] and len(by_fold) == 4 == len({u for u, _ in by_fold})
+    # Both banks: fold 2's is built on fold 1's held-out users with the given bank's settings.
+    bank2 = out / "work" / "fold2-bank"
+    assert fold1["bank"] == str(built_bank) and fold2["bank"] == str(bank2)
+    assert fold1["bank_version"] != fold2["bank_version"]
+    assert read_manifest_json(bank2)["extra"]["split"]["anchor_pool"] == sorted(split["held_out"])
+    recorded = build_config_from_manifest(read_manifest_json(bank2), bank2, holdout_fraction=0.0)
+    assert recorded == fold2_build_config(built_bank)  # the given bank's settings (cluster data, bf16, rank 4, ...)
+    # task_lora is trained per fold, on that fold's anchor pool.
+    assert (out / "work" / "task_lora" / "_shared").is_dir() and (out / "work" / "fold2" / "task_lora" / "_shared").is_dir()
+    # The format: one merged table (intervals over all users) plus per-fold scores, and timings.
+    assert set(result["methods"]) == set(fold1["methods"]) == {"task_lora", "mta_fuse", "majority"}
+    for row in result["methods"].values():
+        lo, hi = row["accuracy_ci"]
+        assert 0 <= lo <= row["accuracy"] <= hi <= 1
+    for name in result["methods"]:
+        assert result["methods"][name]["accuracy"] == pytest.approx(accuracy([p[name] for p in preds], [p["gold"] for p in preds]))
+    timings = result["timings"]
+    assert {"fold2_bank", "generation", "scoring", "total"} <= set(timings) and set(timings["train"]) == {"task_lora", "mta_fuse"}
+    assert "timings: fold2_bank" in proc.stdout and "over 2 folds" in (out / "results.md").read_text()
+
+    # A second run's folds reuse the cached fold-2 bank (same settings, same data) instead of rebuilding it.
+    from server.bank.build import load_users
+
+    before = (bank2 / "manifest.json").stat().st_mtime_ns
+    cfg = EvalConfig(
+        task=TASKS["movie_tagging"], data=lamp_file, out=out, methods=tuple(parse_methods("mta_fuse", classification=True)),
+        model_dir=tiny_model_dir, model_id=tiny_model_dir.name, bank=built_bank, folds=2,
+    )  # fmt: skip
+    folds, built = make_folds(cfg, load_users(lamp_file, TASKS["movie_tagging"]))
+    assert not built and folds[1].bank == bank2 and (bank2 / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_two_folds_need_a_bank_that_records_its_build_settings(tiny_bank):
+    from server.bank.build import BankBuildError
+    from server.evaluation.folds import fold2_build_config
+
+    with pytest.raises(BankBuildError, match="does not record the setting `extra.training.config`"):
+        fold2_build_config(tiny_bank)  # a random demo bank: nothing to rebuild it with

@@ -14,9 +14,12 @@ NOISE_WIDTH = 0.1  # about the 95% interval half-width at ~200 points of accurac
 def markdown_table(result: dict[str, Any]) -> str:
     metrics = result["metrics"]
     on_list = any("on_list" in row for row in result["methods"].values())
+    folds = result.get("folds") or []
+    who = f"{result['n_users']} held-out users" + (
+        f" over {len(folds)} folds (" + ", ".join(f"fold {f['fold']}: {f['n_users']}" for f in folds) + ")" if folds else ""
+    )
     lines = [
-        f"**{result['task']}**: {result['n_users']} held-out users, {result['n_points']} points; "
-        "95% intervals resample users.",
+        f"**{result['task']}**: {who}, {result['n_points']} points; 95% intervals resample users.",
         "",
         "| method | " + " | ".join(metrics) + (" | answers on the label list" if on_list else "") + " | bytes stored per user |",
         "|---|" + "---:|" * (len(metrics) + 1 + on_list),

@@ -3,18 +3,24 @@
 Two phases, so the trainer and vLLM never hold the CPU (or memory) at the same time:
 1. train and write every adapter (cached in `<out>/work`, so an interrupted run resumes);
 2. one vLLM engine generates every point of every method, one `LoRARequest` per user.
+With `folds=2` (`server.evaluation.folds`) phase 1 runs once per fold, with that fold's bank
+and `task_lora`, and phase 2 serves both folds' users from the same engine; the scores and
+their user-bootstrap intervals are over all evaluated users. Each phase's wall time is
+recorded under `timings`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,14 +33,10 @@ from server.adapters import (
     stack,
 )
 from server.bank.build import LAMP2M_TAGS, Task, leave_one_out_examples
+from server.evaluation.folds import Fold, make_folds, read_manifest_json
 from server.evaluation.methods import Method
 from server.evaluation.metrics import METRICS, MetricKind, bootstrap_ci, normalize_label, score
-from server.evaluation.protocol import (
-    EvalUser,
-    eval_users,
-    load_task_users,
-    split_from_manifest,
-)
+from server.evaluation.protocol import EvalUser, eval_users, load_task_users
 from server.settings import ALLOWED_MAX_LORA_RANKS, Settings
 from server.training import TrainConfig
 
@@ -66,6 +68,7 @@ class EvalConfig:
     stack_train: TrainConfig = field(default_factory=lambda: TrainConfig(rank=4, alpha=8, epochs=3, batch_size=2))
     resamples: int = 1000
     seed: int = 0
+    folds: int = 1  # 2: also swap anchor pool and held-out users (a second bank), to evaluate every user
 
 
 @dataclass
@@ -83,17 +86,41 @@ def _digest(obj: Any) -> str:
 
 
 class AdapterBuilder:
-    """Trains and fuses the adapters of phase 1; each is cached under `work/<method>/<user>`."""
+    """Trains and fuses the adapters of phase 1; each is cached under `work/<method>/<user>`.
+
+    The training model, the served banks and `task_lora`'s weights are loaded on first use:
+    a rerun whose adapters are all cached loads none of them.
+    """
 
     def __init__(self, cfg: EvalConfig, work: Path, pool: Sequence[Any]) -> None:
-        from server.training import load_base_model, load_tokenizer
-
         self.cfg, self.work, self.pool = cfg, work, pool
-        self.model = load_base_model(cfg.model_dir)
-        self.tokenizer = load_tokenizer(cfg.model_dir)
         self.settings = Settings(model_path=cfg.model_dir)
+        self.load_seconds = 0.0  # time spent loading the training model
+        self._task_adapter: Adapter | None = None
         self._task_lora: LoraWeights | None = None
         self._banks: dict[Any, Any] = {}
+        self._embeddings: dict[tuple[str, str], Any] = {}
+
+    @functools.cached_property
+    def model(self) -> Any:
+        from server.training import load_base_model
+
+        started = time.perf_counter()
+        model = load_base_model(self.cfg.model_dir)
+        self.load_seconds += time.perf_counter() - started
+        return model
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        from server.training import load_tokenizer
+
+        return load_tokenizer(self.cfg.model_dir)
+
+    @functools.cached_property
+    def bank_version(self) -> str:
+        """The bank's version from its manifest: cache fingerprints need it, not the loaded bank."""
+        assert self.cfg.bank is not None
+        return read_manifest_json(self.cfg.bank)["bank_version"]
 
     # --- cache --------------------------------------------------------------------------
 
@@ -115,9 +142,12 @@ class AdapterBuilder:
 
     # --- shared parts -----------------------------------------------------------------------
 
-    def task_lora(self) -> tuple[LoraWeights, Adapter]:
+    def task_adapter(self) -> Adapter:
+        """`task_lora`, trained once on the anchor pool's leave-one-out examples."""
         from server.training import train_lora
 
+        if self._task_adapter is not None:
+            return self._task_adapter
         cfg = self.cfg
         examples = [ex for user in self.pool for ex in leave_one_out_examples(user, cfg.task)]
         if not examples:
@@ -129,10 +159,13 @@ class AdapterBuilder:
             result = train_lora(self.model, self.tokenizer, examples, cfg.task_train, progress=_step_bar("task_lora"))
             return result.lora, 0, self._train_info(result)
 
-        adapter = self._cached("task_lora", "_shared", fp, make)
+        self._task_adapter = self._cached("task_lora", "_shared", fp, make)
+        return self._task_adapter
+
+    def task_lora(self) -> LoraWeights:
         if self._task_lora is None:
-            self._task_lora = load_adapter(adapter.path)
-        return self._task_lora, adapter
+            self._task_lora = load_adapter(self.task_adapter().path)
+        return self._task_lora
 
     def served_bank(self, method: Method) -> Any:
         from server.bank.registry import BankRegistry
@@ -148,7 +181,10 @@ class AdapterBuilder:
         from server.fusion import build_adapter, plan_fusion
 
         served = self.served_bank(method)
-        emb = served.embedder.embed_user([served.render(item) for item in user.few_shot])
+        key = (served.embedding_model, str(user.user_id))  # the same embedding for every mta_* method
+        if key not in self._embeddings:
+            self._embeddings[key] = served.embedder.embed_user([served.render(item) for item in user.few_shot])
+        emb = self._embeddings[key]
         plan = plan_fusion(
             served.bank,
             emb,
@@ -171,24 +207,25 @@ class AdapterBuilder:
         if method.name in ("base", "rag"):
             return None
         if method.name == "task_lora":
-            return self.task_lora()[1]
+            return self.task_adapter()
         if method.name == "oppu":
-            task_lora, shared = self.task_lora()
+            shared = self.task_adapter()
             fp = _digest({"under": shared.train, "train": dataclasses.asdict(cfg.oppu_train), "ex": [dataclasses.astuple(e) for e in examples]})
 
             def make_oppu():
+                task_lora = self.task_lora()
                 result = train_lora(self.model, self.tokenizer, examples, cfg.oppu_train, base_adapter=task_lora)
                 return stack(task_lora, result.lora), len(adapter_to_bytes(result.lora)), self._train_info(result)
 
             return self._cached("oppu", uid, fp, make_oppu)
-        bank_fp = {"bank": str(cfg.bank), "version": self.served_bank(method).version, "mode": method.fusion_mode, "k": method.top_k}
+        bank_fp = {"bank": str(cfg.bank), "version": self.bank_version, "mode": method.fusion_mode, "k": method.top_k}
         if method.name == "mta_stack":
             fp = _digest({**bank_fp, "train": dataclasses.asdict(cfg.stack_train), "ex": [dataclasses.astuple(e) for e in examples], "few": user.few_shot})
 
             def make_stack():
                 fused = self.fused(method, user)
                 result = train_stacked(self.model, self.tokenizer, fused, examples, cfg.stack_train)
-                stored = stacked_to_bytes(result.lora, bank_version=self.served_bank(method).version, job_id="eval")
+                stored = stacked_to_bytes(result.lora, bank_version=self.bank_version, job_id="eval")
                 return stack(fused, result.lora), len(stored), self._train_info(result)
 
             return self._cached("mta_stack", uid, fp, make_stack)
@@ -214,10 +251,40 @@ def _step_bar(desc: str):
     return progress
 
 
+# --- phase 1: adapters, fold by fold ----------------------------------------------------------
+
+
+def build_adapters(
+    cfg: EvalConfig, folds: Sequence[Fold], fold_users: Sequence[Sequence[EvalUser]], timings: dict[str, Any]
+) -> dict[str, list[Adapter | None]]:
+    """Every trained method's adapter per evaluated user, in fold order; `task_lora` and banks per fold."""
+    from tqdm.auto import tqdm
+
+    trained = [m for m in cfg.methods if m.model and m.name not in ("base", "rag")]
+    adapters: dict[str, list[Adapter | None]] = {m.name: [] for m in trained}
+    seconds: dict[str, float] = timings.setdefault("train", {})
+    for fold, users in zip(folds, fold_users):
+        if not trained or not users:
+            continue
+        builder = AdapterBuilder(dataclasses.replace(cfg, bank=fold.bank), fold.work, fold.pool)
+        prefix = f"fold {fold.index} " if len(folds) > 1 else ""
+        for m in trained:
+            started, loading = time.perf_counter(), builder.load_seconds
+            adapters[m.name] += [builder.build(m, u) for u in tqdm(users, desc=f"{prefix}adapters: {m.name}", unit="user")]
+            spent = time.perf_counter() - started - (builder.load_seconds - loading)
+            seconds[m.name] = seconds.get(m.name, 0.0) + spent
+        timings["load_training_model"] = timings.get("load_training_model", 0.0) + builder.load_seconds
+        del builder
+        gc.collect()
+    return adapters
+
+
 # --- phase 2: generation ---------------------------------------------------------------------
 
+Job = tuple[list[int], Adapter | None]  # prompt token ids, the user's adapter (None: the base model)
 
-def generate(cfg: EvalConfig, jobs: dict[str, list[tuple[list[int], Path | None]]]) -> dict[str, list[str]]:
+
+def generate(cfg: EvalConfig, jobs: dict[str, list[Job]]) -> dict[str, list[str]]:
     """Greedy outputs of every method's prompts, through one vLLM engine with the server's LoRA path."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # a shared machine: let the OS place threads
@@ -225,7 +292,7 @@ def generate(cfg: EvalConfig, jobs: dict[str, list[tuple[list[int], Path | None]
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    ranks = [load_rank(p) for js in jobs.values() for _, p in js if p is not None]
+    ranks = [a.rank for js in jobs.values() for _, a in js if a is not None]  # from the cache records
     max_rank = min((r for r in ALLOWED_MAX_LORA_RANKS if r >= max(ranks, default=1)), default=max(ALLOWED_MAX_LORA_RANKS))
     config = json.loads((cfg.model_dir / "config.json").read_text())
     llm = LLM(
@@ -245,7 +312,7 @@ def generate(cfg: EvalConfig, jobs: dict[str, list[tuple[list[int], Path | None]
     ids: dict[Path, int] = {}
     outputs: dict[str, list[str]] = {}
     for name, method_jobs in jobs.items():
-        loras = [None if p is None else LoRARequest(f"{name}:{p.name}", ids.setdefault(p, len(ids) + 1), str(p)) for _, p in method_jobs]
+        loras = [None if a is None else _lora_request(LoRARequest, name, a.path, ids) for _, a in method_jobs]
         print(f"[eval] generating {len(method_jobs)} points for {name}", flush=True)
         results = llm.generate(
             [TokensPrompt(prompt_token_ids=ids_) for ids_, _ in method_jobs],
@@ -259,70 +326,100 @@ def generate(cfg: EvalConfig, jobs: dict[str, list[tuple[list[int], Path | None]
     return outputs
 
 
-def load_rank(path: Path) -> int:
-    return int(json.loads((path / "adapter_config.json").read_text())["r"])
+def _lora_request(cls: Any, method: str, path: Path, ids: dict[Path, int]) -> Any:
+    """One request per adapter directory; the id, not the user id, keeps the folds' `_shared` apart."""
+    lora_id = ids.setdefault(path, len(ids) + 1)
+    return cls(f"{method}:{path.name}#{lora_id}", lora_id, str(path))
+
+
+def generation_jobs(cfg: EvalConfig, users: Sequence[EvalUser], adapters: dict[str, list[Adapter | None]]) -> dict[str, list[Job]]:
+    """Every model method's prompts (the server's chat template) with the user's adapter."""
+    from server.prompts import chat_prompt
+    from server.training import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model_dir)
+    jobs: dict[str, list[Job]] = {}
+    for m in cfg.methods:
+        if not m.model:
+            continue
+        per_user = adapters.get(m.name, [None] * len(users))
+        jobs[m.name] = [
+            (chat_prompt(tokenizer, [{"role": "user", "content": u.prompt(p, with_context=m.context)}]), a)
+            for u, a in zip(users, per_user)
+            for p in u.points
+        ]
+    return jobs
+
+
+def reference_outputs(cfg: EvalConfig, users: Sequence[EvalUser]) -> dict[str, list[str]]:
+    """The rows computed from the data alone (no model)."""
+    outputs: dict[str, list[str]] = {}
+    for m in cfg.methods:
+        if m.name == "majority":
+            outputs[m.name] = [u.majority_label(cfg.task) for u in users for _ in u.points]
+        elif m.name == "copy_retrieved":
+            outputs[m.name] = [u.copy_retrieved(p, cfg.task) for u in users for p in u.points]
+    return outputs
 
 
 # --- the run ---------------------------------------------------------------------------------
 
 
-def run(cfg: EvalConfig) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
-    from server.prompts import chat_prompt
-    from server.training import load_tokenizer
-
+@contextlib.contextmanager
+def _timed(timings: dict[str, Any], key: str) -> Iterator[None]:
     started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
+
+
+def run(cfg: EvalConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    timings: dict[str, Any] = {}
     users, queries = load_task_users(cfg.data, cfg.task)
-    extra: dict[str, Any] = {}
-    if cfg.bank is not None:
-        extra = json.loads((cfg.bank / "manifest.json").read_text()).get("extra") or {}
-    pool, held = split_from_manifest(users, extra, cfg.holdout_fraction)
-    evaluated = eval_users(held, queries, cfg.task, cfg.n_few_shot)[: cfg.max_users]
+    with _timed(timings, "fold2_bank") if cfg.folds == 2 else contextlib.nullcontext():
+        folds, _ = make_folds(cfg, users)
+    fold_users = [eval_users(f.held, queries, cfg.task, cfg.n_few_shot)[: cfg.max_users] for f in folds]
+    evaluated = [u for us in fold_users for u in us]
     if not evaluated:
         raise ValueError(f"no held-out user has more than {cfg.n_few_shot} profile items to evaluate on")
-    n_points = sum(len(u.points) for u in evaluated)
-    print(f"[eval] {len(evaluated)} held-out users, {n_points} points, {len(pool)} anchor-pool users", flush=True)
-    work = cfg.out / "work"
+    for fold, us in zip(folds, fold_users):
+        print(
+            f"[eval] fold {fold.index}: {len(us)} held-out users, {sum(len(u.points) for u in us)} points, "
+            f"{len(fold.pool)} anchor-pool users, bank {fold.bank}",
+            flush=True,
+        )
 
-    # Phase 1: adapters.
-    adapters: dict[str, list[Adapter | None]] = {}
-    model_methods = [m for m in cfg.methods if m.model]
-    trained = [m for m in model_methods if m.name not in ("base", "rag")]
-    if trained:
-        builder = AdapterBuilder(cfg, work, pool)
-        for m in trained:
-            adapters[m.name] = [builder.build(m, u) for u in tqdm(evaluated, desc=f"adapters: {m.name}", unit="user")]
-        del builder
-        gc.collect()
+    adapters = build_adapters(cfg, folds, fold_users, timings)  # phase 1
+    with _timed(timings, "generation"):  # phase 2
+        jobs = generation_jobs(cfg, evaluated, adapters)
+        outputs = generate(cfg, jobs) if jobs else {}
+    outputs.update(reference_outputs(cfg, evaluated))
 
-    # Phase 2: generation.
-    tokenizer = load_tokenizer(cfg.model_dir)
-    jobs: dict[str, list[tuple[list[int], Path | None]]] = {}
-    for m in model_methods:
-        per_user = adapters.get(m.name, [None] * len(evaluated))
-        jobs[m.name] = [
-            (chat_prompt(tokenizer, [{"role": "user", "content": u.prompt(p, with_context=m.context)}]), a.path if a else None)
-            for u, a in zip(evaluated, per_user)
-            for p in u.points
-        ]
-    outputs = generate(cfg, jobs) if jobs else {}
-    for m in cfg.methods:
-        if m.name == "majority":
-            outputs[m.name] = [u.majority_label(cfg.task) for u in evaluated for _ in u.points]
-        elif m.name == "copy_retrieved":
-            outputs[m.name] = [u.copy_retrieved(p, cfg.task) for u in evaluated for p in u.points]
-
-    result = score_run(cfg, evaluated, outputs, adapters)
+    with _timed(timings, "scoring"):
+        result = score_run(cfg, evaluated, outputs, adapters)
+        if len(folds) > 1:
+            result["folds"] = fold_breakdown(cfg, folds, fold_users, outputs)
+        result["setup"]["folds"] = cfg.folds
     result["seconds"] = time.perf_counter() - started
-    write_outputs(cfg, evaluated, outputs, result)
+    result["timings"] = {**timings, "total": result["seconds"]}
+    write_outputs(cfg, evaluated, outputs, result, fold_of=[f.index for f, us in zip(folds, fold_users) for _ in us])
     return result
 
 
-def score_run(
-    cfg: EvalConfig, users: Sequence[EvalUser], outputs: dict[str, list[str]], adapters: dict[str, list[Adapter | None]]
-) -> dict[str, Any]:
-    """results.json: every metric with its user-bootstrap interval, and bytes stored per user."""
+def format_timings(timings: dict[str, Any]) -> str:
+    parts = []
+    for key, value in timings.items():
+        if isinstance(value, dict):
+            parts += [f"{key} {name} {seconds:.0f} s" for name, seconds in value.items()]
+        else:
+            parts.append(f"{key} {value:.0f} s")
+    return ", ".join(parts)
+
+
+def method_scores(cfg: EvalConfig, users: Sequence[EvalUser], outputs: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    """Every metric of every method with its user-bootstrap interval (outputs: the users' points in order)."""
     golds = [p.gold for u in users for p in u.points]
 
     def metric(preds: list[str], gold: list[str]) -> dict[str, float]:
@@ -341,6 +438,37 @@ def score_run(
         if cfg.labels:  # how often the answer is one of the task's labels at all
             on_list = {normalize_label(label) for label in cfg.labels}
             methods[m.name]["on_list"] = sum(normalize_label(p) in on_list for p in preds) / max(len(preds), 1)
+    return methods
+
+
+def fold_breakdown(
+    cfg: EvalConfig, folds: Sequence[Fold], fold_users: Sequence[Sequence[EvalUser]], outputs: dict[str, list[str]]
+) -> list[dict[str, Any]]:
+    """Each fold's users, bank and scores (intervals over the fold's users)."""
+    rows, start = [], 0
+    for fold, users in zip(folds, fold_users):
+        n = sum(len(u.points) for u in users)
+        part = {name: preds[start : start + n] for name, preds in outputs.items()}
+        start += n
+        rows.append(
+            {
+                "fold": fold.index,
+                "bank": str(fold.bank) if fold.bank else None,
+                "bank_version": read_manifest_json(fold.bank)["bank_version"] if fold.bank else None,
+                "anchor_pool_users": len(fold.pool),
+                "n_users": len(users),
+                "n_points": n,
+                "users": [u.user_id for u in users],
+                "methods": method_scores(cfg, users, part) if users else {},
+            }
+        )
+    return rows
+
+
+def score_run(
+    cfg: EvalConfig, users: Sequence[EvalUser], outputs: dict[str, list[str]], adapters: dict[str, list[Adapter | None]]
+) -> dict[str, Any]:
+    """results.json: every metric with its user-bootstrap interval, and bytes stored per user."""
     per_user_bytes = {}
     for m in cfg.methods:
         stored = [a.stored_bytes for a in adapters.get(m.name, []) if a is not None]
@@ -356,9 +484,9 @@ def score_run(
     return {
         "task": cfg.task.name,
         "n_users": len(users),
-        "n_points": len(golds),
+        "n_points": sum(len(u.points) for u in users),
         "metrics": list(METRICS[cfg.kind]),
-        "methods": methods,
+        "methods": method_scores(cfg, users, outputs),
         "per_user_bytes": per_user_bytes,
         "training": training,
         "setup": {
@@ -381,16 +509,24 @@ def _mean(values: list[Any]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def write_outputs(cfg: EvalConfig, users: Sequence[EvalUser], outputs: dict[str, list[str]], result: dict[str, Any]) -> None:
+def write_outputs(
+    cfg: EvalConfig,
+    users: Sequence[EvalUser],
+    outputs: dict[str, list[str]],
+    result: dict[str, Any],
+    *,
+    fold_of: Sequence[int] | None = None,
+) -> None:
     from server.evaluation.report import bar_chart, markdown_table
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "results.json").write_text(json.dumps(result, indent=2))
     (cfg.out / "results.md").write_text(markdown_table(result) + "\n")
     bar_chart(result, cfg.out / "results.png")
+    folds = fold_of or [1] * len(users)
     with (cfg.out / "predictions.jsonl").open("w") as f:
         i = 0
-        for u in users:
+        for u, fold in zip(users, folds):
             for p in u.points:
-                f.write(json.dumps({"user_id": u.user_id, "gold": p.gold, **{m: outputs[m][i] for m in outputs}}) + "\n")
+                f.write(json.dumps({"user_id": u.user_id, "fold": fold, "gold": p.gold, **{m: outputs[m][i] for m in outputs}}) + "\n")
                 i += 1
