@@ -130,13 +130,18 @@ def lamp_file(tmp_path_factory) -> Path:
     return path
 
 
+def eval_cmd(data: Path, model: Path, bank: Path, out: Path, methods: str, *extra: str) -> list[str]:
+    """`mta eval` on the tiny model: float32, one thread, a short bootstrap."""
+    return [
+        sys.executable, "-m", "server.cli", "eval", "--task", "movie_tagging", "--data", str(data),
+        "--bank", str(bank), "--model", str(model), "--methods", methods, "--out", str(out),
+        "--dtype", "float32", "--resamples", "50", "--threads", "1", *extra,
+    ]  # fmt: skip
+
+
 def test_smoke_run_writes_every_output(tmp_path, lamp_file, tiny_model_dir, tiny_bank):
     out = tmp_path / "eval"
-    cmd = [
-        sys.executable, "-m", "server.cli", "eval", "--task", "movie_tagging", "--data", str(lamp_file),
-        "--bank", str(tiny_bank), "--model", str(tiny_model_dir), "--methods", "rag,mta_stack,majority",
-        "--out", str(out), "--dtype", "float32", "--user-epochs", "1", "--resamples", "50", "--threads", "1",
-    ]
+    cmd = eval_cmd(lamp_file, tiny_model_dir, tiny_bank, out, "rag,mta_stack,majority", "--user-epochs", "1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
@@ -190,12 +195,9 @@ def test_two_folds_evaluate_every_user_once_with_both_banks(tmp_path, lamp_file,
     from server.evaluation.runner import EvalConfig
 
     out = tmp_path / "eval"
-    cmd = [
-        sys.executable, "-m", "server.cli", "eval", "--task", "movie_tagging", "--data", str(lamp_file),
-        "--bank", str(built_bank), "--model", str(tiny_model_dir), "--methods", "task_lora,mta_fuse,majority",
-        "--out", str(out), "--dtype", "float32", "--task-epochs", "1", "--resamples", "50", "--threads", "1",
-        "--folds", "2",
-    ]  # fmt: skip
+    cmd = eval_cmd(
+        lamp_file, tiny_model_dir, built_bank, out, "task_lora,mta_fuse,majority", "--task-epochs", "1", "--folds", "2"
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
