@@ -11,6 +11,7 @@ left out with its default.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -200,6 +201,7 @@ def _peft_tensors(lora: LoraWeights, dtype: torch.dtype) -> dict[str, Tensor]:
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_IOV_MAX = 1024  # Linux's limit on buffers per writev
 
 
 def write_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
@@ -207,8 +209,8 @@ def write_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
 
     safetensors' own torch writer spends about 25 us per tensor in Python: 10 ms for the 420
     tensors of an all-linear adapter, the whole per-user fusion budget. This one writes the
-    header, then hands each tensor's memory to the file without a copy. Files are read back
-    with safetensors' loader, PEFT and vLLM in the tests.
+    header, then hands all tensors' memory to the file in one call, without a copy. Files
+    are read back with safetensors' loader, PEFT and vLLM in the tests.
     """
     header: dict[str, Any] = {}
     offset = 0
@@ -218,9 +220,30 @@ def write_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head)
-        f.writelines(t.reshape(-1).view(torch.uint8).numpy() for t in tensors.values())
+    buffers = [struct.pack("<Q", len(head)) + head, *(t.reshape(-1).view(torch.uint8).numpy() for t in tensors.values())]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, buffers)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, buffers: list[Any]) -> None:
+    """`os.writev` (one system call for all tensors, not one each), resumed after a short write.
+
+    A short write is what a filling disk returns first; resuming then raises ENOSPC.
+    """
+    views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
+    first = 0
+    while first < len(views):
+        written = os.writev(fd, views[first : first + _IOV_MAX])
+        if written == 0:
+            raise OSError(errno.EIO, "write made no progress")
+        while first < len(views) and written >= views[first].nbytes:
+            written -= views[first].nbytes
+            first += 1
+        if written:
+            views[first] = views[first][written:]
 
 
 def _adapter_config(lora: LoraWeights, base_model_name_or_path: str) -> dict[str, Any]:
