@@ -11,6 +11,12 @@ Environment (read when the plugin loads, i.e. when the engine starts):
 - `MTA_LORA_OPS_STATS_DIR`: if set, each process that runs the ops writes its call counts to
   `<dir>/<pid>.json` (on the first call, then at most once a second), so tests and benchmarks
   can see the ops running inside vLLM's worker process.
+- `MTA_LORA_CPU_KERNEL`: "0" keeps the decode products on `torch.bmm` instead of the C++
+  kernel (see `kernel`; default "1", used where it can be built).
+
+It also replaces two methods of `PunicaWrapperCPU` (see `punica`): `add_lora_linear` (one
+shrink per layer instead of one per slice) and `add_lora_logits` (no LM-head work for slots
+without LM-head weights). The class is patched in place and restored by `uninstall()`.
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from server.lora_ops import punica
 from server.lora_ops.ops import OPS
 
 ENABLE_ENV = "MTA_FAST_CPU_LORA_OPS"
 STATS_DIR_ENV = "MTA_LORA_OPS_STATS_DIR"
 TARGET_MODULE = "vllm.lora.punica_wrapper.punica_cpu"
+TARGET_CLASS = "PunicaWrapperCPU"
 INSTALLED_MESSAGE = "MTA fast CPU LoRA ops installed"
 FIRST_CALL_MESSAGE = "MTA fast CPU LoRA ops in use"
 
@@ -58,7 +66,7 @@ class _CallStats:
     """Per-process op call counts: logged on the first call, optionally written to a file."""
 
     def __init__(self, stats_dir: Path | None) -> None:
-        self.counts: dict[str, int] = dict.fromkeys(OPS, 0)
+        self.counts: dict[str, int] = dict.fromkeys([*OPS, *punica.METHODS], 0)
         self.path = stats_dir / f"{os.getpid()}.json" if stats_dir is not None else None
         self._flushed_at: float | None = None
 
@@ -109,9 +117,21 @@ def install() -> bool:
     for name, op in OPS.items():
         _originals[name] = getattr(module, name)
         setattr(module, name, _counted(_stats, name, op))
+    cls = getattr(module, TARGET_CLASS)
+    for name, method in punica.METHODS.items():
+        punica._original[name] = getattr(cls, name)
+        setattr(cls, name, _counted(_stats, name, method))
     if _stats.path is not None:
         atexit.register(_stats.flush)
-    log.info("%s (pid %d, patched %s.{%s})", INSTALLED_MESSAGE, os.getpid(), TARGET_MODULE, ",".join(OPS))
+    log.info(
+        "%s (pid %d, patched %s.{%s} and %s.{%s})",
+        INSTALLED_MESSAGE,
+        os.getpid(),
+        TARGET_MODULE,
+        ",".join(OPS),
+        TARGET_CLASS,
+        ",".join(punica.METHODS),
+    )
     return True
 
 
@@ -125,6 +145,10 @@ def uninstall() -> None:
     module = importlib.import_module(TARGET_MODULE)
     for name, op in _originals.items():
         setattr(module, name, op)
+    cls = getattr(module, TARGET_CLASS)
+    for name, method in punica._original.items():
+        setattr(cls, name, method)
+    punica._original.clear()
     if _stats is not None and _stats.path is not None:
         atexit.unregister(_stats.flush)
     _originals.clear()

@@ -1,0 +1,167 @@
+"""Whole-layer replacements for two `PunicaWrapperCPU` methods, installed by the plugin.
+
+vLLM's CPU wrapper calls one op per slice and direction (qkv: 3 shrinks and 3 expands), each
+through several Python layers, and always runs the LM-head (logits) LoRA, even when no
+loaded adapter has LM-head weights. These methods keep vLLM's semantics with less work:
+
+- `add_lora_linear`: one shrink for all slices of a layer (their A matrices concatenated
+  once per weight update, see `_derived`), one plan for the layer, and a 16-bit LoRA buffer
+  for 16-bit models (vLLM's is float32, but its expand casts it back to the 16-bit dtype
+  first, and our shrink computes 16-bit products anyway: the result is the same).
+- `add_lora_logits`: tokens whose slot has no LM-head weights (an all-zero A, as vLLM
+  leaves a slot whose adapter does not target the LM head) get no LM-head work; with no such
+  token, nothing runs. Otherwise as vLLM, on the remaining tokens.
+
+Derived tensors (the concatenated A, the slots with LM-head weights) are cached per source
+tensor and recomputed when vLLM writes a slot: every in-place write bumps the tensor's
+version counter (`Tensor._version`, shared by its views, which `set_lora`/`reset_lora`
+write through).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from server.lora_ops.ops import (
+    _NARROW,
+    _expand_slice,
+    _Plan,
+    _segment_plan,
+    _shrink,
+    _token_plan,
+    bgmv_expand,
+    bgmv_shrink,
+)
+
+
+class _Derived:
+    """`fn(sources)` computed once per version of the source tensors (None if they have no version counter)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, ...], tuple[list[weakref.ref], tuple[int, ...], Any]] = {}
+
+    def get(self, sources: tuple[Tensor, ...], fn: Callable[[tuple[Tensor, ...]], Any]) -> Any:
+        try:
+            versions = tuple(t._version for t in sources)
+        except RuntimeError:  # inference tensors carry no version counter: cannot tell when they change
+            return None
+        key = (id(fn), *map(id, sources))
+        entry = self._entries.get(key)
+        if entry is not None and entry[1] == versions and all(r() is t for r, t in zip(entry[0], sources)):
+            return entry[2]
+        value = fn(sources)
+        drop = lambda _ref, key=key: self._entries.pop(key, None)  # forget freed tensors
+        self._entries[key] = ([weakref.ref(t, drop) for t in sources], versions, value)
+        return value
+
+
+_derived = _Derived()
+
+
+def _concat_a(lora_a_stacked: tuple[Tensor, ...]) -> Tensor:
+    # [slots, (1,) r, in] per slice -> [slots, n*r, in]
+    return torch.cat([a.squeeze(1) if a.dim() == 4 else a for a in lora_a_stacked], dim=1)
+
+
+def _slots_with_weights(lora_a_stacked: tuple[Tensor, ...]) -> list[bool]:
+    (a,) = lora_a_stacked
+    return a.flatten(1).ne(0).any(dim=1).tolist()
+
+
+def _layer_plan(wrapper: Any) -> _Plan | None:
+    """The plan for the wrapper's current step (None: no token has an adapter in this prefill)."""
+    if not wrapper.is_prefill:
+        return _token_plan(wrapper.token_lora_indices)
+    if wrapper.no_lora:
+        return None
+    _starts, seq_lengths, lora_indices, *_ = wrapper.prefill_metadata
+    return _segment_plan(seq_lengths, lora_indices)
+
+
+def add_lora_linear(
+    self: Any,
+    y: Tensor,
+    x: Tensor,
+    lora_a_stacked: tuple[Tensor, ...],
+    lora_b_stacked: tuple[Tensor, ...],
+    scale: float,
+    output_slices: tuple[int, ...],
+    *,
+    buffer: tuple[Tensor, ...] | None = None,
+    **kwargs: Any,
+) -> None:
+    """`PunicaWrapperCPU.add_lora_linear`: y[:, slice i] += (x @ A_i[slot].T * scale) @ B_i[slot].T."""
+    if buffer is not None:  # the caller reads the per-slice buffers: keep vLLM's way
+        _original["add_lora_linear"](
+            self,
+            y,
+            x,
+            lora_a_stacked,
+            lora_b_stacked,
+            scale,
+            output_slices,
+            buffer=buffer,
+            **kwargs,
+        )
+        return
+    assert len(lora_a_stacked) == len(lora_b_stacked) == len(output_slices)
+    plan = _layer_plan(self)
+    if plan is None:
+        return
+    x = x.view(-1, x.shape[-1])
+    y2 = y.view(-1, y.shape[-1])
+    r = lora_a_stacked[0].shape[-2]
+    narrow = x.dtype in _NARROW and scale == 1.0 and all(a.dtype == x.dtype for a in lora_a_stacked)
+    buf = x.new_empty(x.shape[0], r * len(lora_a_stacked), dtype=x.dtype if narrow else torch.float32)
+    fused = lora_a_stacked[0] if len(lora_a_stacked) == 1 else _derived.get(lora_a_stacked, _concat_a)
+    if fused is not None:
+        _shrink(x, fused, buf, plan, scale)
+    else:
+        for i, a in enumerate(lora_a_stacked):
+            _shrink(x, a, buf[:, i * r : (i + 1) * r], plan, scale)
+    offset = 0
+    for i, (b, size) in enumerate(zip(lora_b_stacked, output_slices)):
+        _expand_slice(buf[:, i * r : (i + 1) * r], b, y2, plan, offset, size, add_inputs=True)
+        offset += size
+
+
+def add_lora_logits(
+    self: Any,
+    y: Tensor,
+    x: Tensor,
+    lora_a_stacked: Tensor,
+    lora_b_stacked: Tensor,
+    scale: float,
+    *,
+    buffer: Tensor | None = None,
+    **kwargs: Any,
+) -> None:
+    """`PunicaWrapperCPU.add_lora_logits`, skipping tokens whose slot has no LM-head weights."""
+    indices = self.sampler_indices
+    active = _derived.get((lora_a_stacked,), _slots_with_weights)
+    if active is not None:
+        wanted = indices.tolist()
+        kept = [s if s >= 0 and active[s] else -1 for s in wanted]
+        if all(s < 0 for s in kept):
+            return
+        if kept != wanted:
+            indices = torch.tensor(kept, dtype=indices.dtype)
+    y2 = y.view(-1, y.shape[-1])
+    x = x.view(-1, x.shape[-1])
+    if buffer is None:
+        buffer = torch.zeros((x.size(0), lora_b_stacked.size(-1)), dtype=torch.float32, device=x.device)
+    bgmv_shrink(x, lora_a_stacked, buffer, indices, scale)
+    bgmv_expand(buffer, lora_b_stacked, y2, indices, add_inputs=True)
+    return
+
+
+METHODS: dict[str, Callable[..., Any]] = {
+    "add_lora_linear": add_lora_linear,
+    "add_lora_logits": add_lora_logits,
+}
+_original: dict[str, Callable[..., Any]] = {}  # vLLM's methods while ours are installed (set by the plugin)
