@@ -12,12 +12,7 @@ from typing import Any
 
 import torch
 
-from server.adapters import (
-    LoraWeights,
-    adapter_from_bytes,
-    adapter_metadata,
-    adapter_to_bytes,
-)
+from server.adapters import LoraWeights, adapter_from_bytes, adapter_metadata, adapter_to_bytes
 from server.prompts import retrieve_top1, user_content
 from server.training import Example, TrainConfig, TrainResult, train_lora
 
