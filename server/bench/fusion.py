@@ -185,6 +185,7 @@ class _Setup:
 
     def __init__(self, opts: argparse.Namespace, model_dir: Path, work: Path) -> None:
         import numpy as np
+        import torch
 
         from server.adapters import adapter_to_bytes
         from server.bank.loader import load_bank
@@ -219,6 +220,7 @@ class _Setup:
 
         save_adapter(stacked, self._stacked_dir, base_model_name_or_path=model_dir.name)
         self.adapter_bytes: dict[str, int] = {}
+        self.dtype = getattr(torch, opts.dtype)  # what ours writes
 
     def result_rank(self, k: int, mode: str, stacking: bool) -> int:
         base = self.opts.rank if mode == "linear" else k * self.opts.rank
@@ -239,15 +241,13 @@ class _Setup:
     # --- ours: the server's cache-miss path ---------------------------------------------------
 
     def ours(self, k: int, mode: str, stacking: bool, i: int) -> None:
-        import torch
-
         from server.adapters import adapter_from_bytes
         from server.fusion import materialize
 
         path = self.out / f"ours-{k}-{mode}-{int(stacking)}-{i}"
         plan = self._plan(k, mode, i)
         stacked = adapter_from_bytes(self.stacked_bytes) if stacking else None
-        materialize(self.bank, plan, path, 512, stacked, getattr(torch, self.opts.dtype))
+        materialize(self.bank, plan, path, 512, stacked, self.dtype)
         self._record_size(f"{k}-{mode}-{int(stacking)}", path)
         shutil.rmtree(path, ignore_errors=True)  # untimed in the server (eviction); cheap here
 

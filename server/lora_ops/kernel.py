@@ -51,6 +51,7 @@ def build() -> ModuleType | None:
     if _module is None and enabled():
         from torch.utils.cpp_extension import load
 
+        log.info("MTA LoRA decode kernel: building or loading it (the first build on a machine takes 30-60 s)")
         try:
             _module = load("mta_lora_gemv", [str(SOURCE)], extra_cflags=FLAGS, verbose=False)
             log.info("MTA LoRA decode kernel ready (pid %d)", os.getpid())
@@ -69,8 +70,7 @@ def get() -> ModuleType | None:
     global _started
     if not _started:
         with _lock:
-            if not _started and enabled():
-                log.info("MTA LoRA decode kernel: building or loading it (the first build on a machine takes 30-60 s)")
+            if not _started:
                 build()
             _started = True
     return _module
