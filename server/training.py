@@ -304,6 +304,28 @@ def _attached(
 # --- loss ---------------------------------------------------------------------------------
 
 
+def _answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy, token count) over the labelled tokens of `batch`.
+
+    The output layer runs only on the positions that predict a label (the answer, a few
+    tokens per example), not on every position as the model's own loss does: with a
+    49k-token vocabulary the full logits cost more than the rest of the forward pass.
+    The sum is the same as the model's; models that transform their logits further
+    (soft-capping, a logit scale) take the model's own path.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    labels = batch["labels"][:, 1:]  # token t is predicted at position t - 1
+    wanted = labels != IGNORE_INDEX
+    if getattr(causal_lm.config, "final_logit_softcapping", None) or hasattr(causal_lm, "logit_scale"):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][wanted]
+    else:
+        body = causal_lm.get_decoder()
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][wanted])  # [n, vocab]
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels[wanted], reduction="sum")
+    return loss, int(wanted.sum())
+
+
 def _mean_loss(
     model: torch.nn.Module, encoded: Sequence[tuple[list[int], list[int]]], pad_id: int, bf16_autocast: bool
 ) -> float:
@@ -313,13 +335,9 @@ def _mean_loss(
         for start in range(0, len(encoded), _EVAL_BATCH):
             batch = _collate(encoded[start : start + _EVAL_BATCH], pad_id)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]  # token t is predicted at position t - 1
-            losses = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            total += float(losses)
-            count += int((labels != IGNORE_INDEX).sum())
+                loss, n = _answer_loss(model, batch)
+            total += float(loss)
+            count += n
     return total / max(count, 1)
 
 
@@ -398,7 +416,8 @@ def train_lora(
             for start in range(0, len(indices), config.batch_size):
                 batch = _collate([encoded[i] for i in indices[start : start + config.batch_size]], pad_id)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast):
-                    loss = peft_model(**batch).loss
+                    loss_sum, n = _answer_loss(peft_model, batch)
+                    loss = loss_sum / n  # the mean over the batch's answer tokens, as the model's own loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()

@@ -12,6 +12,8 @@ from server.training import (
     IGNORE_INDEX,
     Example,
     TrainConfig,
+    _answer_loss,
+    _attached,
     _collate,
     encode_example,
     end_of_turn_id,
@@ -100,6 +102,26 @@ def test_long_examples_lose_the_middle_of_the_prompt(tok):
     assert len(ids) == 128 and len(full) > 128
     assert ids[-5:] == full[-5:] and ids[:10] == full[:10]  # assistant header + answer, template head kept
     assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "comedy<|im_end|>"
+
+
+def test_answer_only_loss_equals_the_models_own_loss_and_gradients(model, tok, tiny_model_config):
+    """The trainer's loss skips the output layer where no label is: same value, same gradients."""
+    eot = end_of_turn_id(tok)
+    batch = _collate([encode_example(tok, ex, 512) for ex in EXAMPLES[:3]], eot)  # padded rows
+    assert (batch["attention_mask"] == 0).any()
+    with _attached(model, new=FAST, base_adapter=random_lora(tiny_model_config, rank=2, b_std=0.5, b_seed=3)) as peft_model:
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        ours, n = _answer_loss(peft_model, batch)
+        assert n == int((batch["labels"] != IGNORE_INDEX).sum())
+        (ours / n).backward()
+        ours_grads = [p.grad.clone() for p in params]
+        peft_model.zero_grad(set_to_none=True)
+        reference = peft_model(**batch).loss  # transformers' causal-LM loss over full logits
+        reference.backward()
+        assert float(ours.detach() / n) == pytest.approx(float(reference.detach()), rel=1e-6)
+        for mine, theirs in zip(ours_grads, (p.grad for p in params), strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7)
+        peft_model.zero_grad(set_to_none=True)
 
 
 def test_lr_schedule_warms_up_then_decays():
