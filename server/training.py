@@ -104,9 +104,9 @@ class TrainResult:
     lora: LoraWeights  # scaling kept (alpha / r), not folded
     losses: list[float]  # training loss of every optimizer step
     # mean_loss on the examples before (new LoRA at init: B = 0) and after training, evaluated
-    # with the training's precision (bf16 autocast when config.bf16_autocast)
-    initial_loss: float
-    final_loss: float
+    # with the training's precision (bf16 autocast when config.bf16_autocast); None if not asked for
+    initial_loss: float | None
+    final_loss: float | None
     seconds: float
     steps: int = field(init=False)
 
@@ -384,10 +384,14 @@ def train_lora(
     *,
     base_adapter: LoraWeights | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    report_loss: bool = True,
 ) -> TrainResult:
     """Train a new LoRA on `examples` (optionally on top of a frozen `base_adapter`).
 
     `progress(step, total_steps, loss)` is called after every optimizer step (1-based).
+    `report_loss=False` skips the before/after loss evaluation (a forward pass over all
+    examples each: a third of the whole call's compute at 2 epochs) for large shared
+    trainings whose step losses say enough.
     Deterministic for a given config, model and examples. The model is unchanged after.
     """
     if not examples:
@@ -405,7 +409,7 @@ def train_lora(
     order = random.Random(config.seed)
 
     with _model_lock(model), _attached(model, new=config, base_adapter=base_adapter) as peft_model:
-        initial = _mean_loss(peft_model, encoded, pad_id, config.bf16_autocast)
+        initial = _mean_loss(peft_model, encoded, pad_id, config.bf16_autocast) if report_loss else None
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, total, warmup))
@@ -426,7 +430,7 @@ def train_lora(
                 losses.append(float(loss.detach()))
                 if progress is not None:
                     progress(len(losses), total, losses[-1])
-        final = _mean_loss(peft_model, encoded, pad_id, config.bf16_autocast)
+        final = _mean_loss(peft_model, encoded, pad_id, config.bf16_autocast) if report_loss else None
         lora = lora_from_peft_model(peft_model, NEW_ADAPTER)
     return TrainResult(
         lora=lora, losses=losses, initial_loss=initial, final_loss=final, seconds=time.perf_counter() - started

@@ -124,6 +124,15 @@ def test_answer_only_loss_equals_the_models_own_loss_and_gradients(model, tok, t
         peft_model.zero_grad(set_to_none=True)
 
 
+def test_skipping_the_loss_report_trains_the_same_lora(model, tok):
+    reported = train_lora(model, tok, EXAMPLES[:4], FAST)
+    skipped = train_lora(model, tok, EXAMPLES[:4], FAST, report_loss=False)
+    assert skipped.initial_loss is None and skipped.final_loss is None
+    assert skipped.losses == reported.losses
+    for m in reported.lora.modules:
+        assert torch.equal(skipped.lora.a[m], reported.lora.a[m]) and torch.equal(skipped.lora.b[m], reported.lora.b[m])
+
+
 def test_lr_schedule_warms_up_then_decays():
     factors = [lr_factor(i, 10, 2) for i in range(10)]
     assert factors[:3] == [0.5, 1.0, 1.0]

@@ -156,7 +156,10 @@ class AdapterBuilder:
 
         def make():
             log.info("training task_lora on %d examples of %d anchor-pool users", len(examples), len(self.pool))
-            result = train_lora(self.model, self.tokenizer, examples, cfg.task_train, progress=_step_bar("task_lora"))
+            # no before/after loss pass over the whole pool: the step losses show the fit
+            result = train_lora(
+                self.model, self.tokenizer, examples, cfg.task_train, progress=_step_bar("task_lora"), report_loss=False
+            )
             return result.lora, 0, self._train_info(result)
 
         self._task_adapter = self._cached("task_lora", "_shared", fp, make)
