@@ -71,11 +71,20 @@ def plan_fusion(
     )
 
 
-def build_adapter(bank: Bank, plan: FusionPlan, max_rank: int, stacked: LoraWeights | None = None) -> LoraWeights:
-    """The one adapter vLLM serves for this plan: fused anchors, plus the stacked LoRA if any."""
+def build_adapter(
+    bank: Bank,
+    plan: FusionPlan,
+    max_rank: int,
+    stacked: LoraWeights | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> LoraWeights:
+    """The one adapter vLLM serves for this plan: fused anchors, plus the stacked LoRA if any.
+
+    Summed in float32; `dtype` is the tensors' (the serving dtype when it is to be written).
+    """
     loras = [bank.loras[a] for a, _ in plan.anchors]
     weights = [w for _, w in plan.anchors]
-    return fuse(plan.mode, loras, weights, stacked=stacked, max_rank=max_rank)
+    return fuse(plan.mode, loras, weights, stacked=stacked, max_rank=max_rank, dtype=dtype)
 
 
 def materialize(
@@ -86,7 +95,11 @@ def materialize(
     stacked: LoraWeights | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> int:
-    """Write the plan's adapter as a PEFT directory at `path`; returns its rank."""
-    lora = build_adapter(bank, plan, max_rank, stacked)
+    """Write the plan's adapter as a PEFT directory at `path`; returns its rank.
+
+    The fusion rounds straight to `dtype` (chunk by chunk, for `linear`), so no float32 copy
+    of the whole adapter is made only to be cast on the way to the file.
+    """
+    lora = build_adapter(bank, plan, max_rank, stacked, dtype)
     save_adapter(lora, path, base_model_name_or_path=bank.manifest.base_model, dtype=dtype)
     return lora.rank

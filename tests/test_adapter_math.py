@@ -16,11 +16,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from server.adapters import (
     AdapterFormatError,
+    FlatLayout,
     FusionError,
     LoraWeights,
     adapter_from_bytes,
     adapter_to_bytes,
     check_fusion_plan,
+    flatten,
     fold_scaling,
     fuse,
     fuse_cat,
@@ -28,10 +30,12 @@ from server.adapters import (
     get_scaling,
     load_adapter,
     lora_from_peft_model,
+    peft_io,
     save_adapter,
     serving_dtype,
     stack,
 )
+from server.adapters import math as lora_math
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Different alphas, ranks, an rsLoRA and one LoRA on fewer modules, so that every
@@ -241,6 +245,73 @@ def test_a_stacked_lora_stored_in_bf16_serves_the_same_bf16_adapter(loras: dict,
     for m in exact.modules:
         assert torch.equal(served.a[m].bfloat16(), exact.a[m].bfloat16())
         assert torch.equal(served.b[m].bfloat16(), exact.b[m].bfloat16())
+
+
+def _flat_anchors(loras: dict, names: list[str]) -> list[LoraWeights]:
+    """The named LoRAs flattened into one shared layout, as the bank loader does."""
+    layout = FlatLayout.of(loras[names[0]])
+    return [flatten(loras[n], layout) for n in names]
+
+
+def test_flatten_keeps_the_tensors_in_one_shared_buffer(loras: dict) -> None:
+    x, y = _flat_anchors(loras, ["x", "y"])
+
+    assert x.flat is not None and y.flat is not None and x.flat.layout is y.flat.layout
+    assert (x.scaling, x.modules, x.rank) == (loras["x"].scaling, loras["x"].modules, loras["x"].rank)
+    for m in x.modules:
+        assert torch.equal(x.a[m], loras["x"].a[m]) and torch.equal(x.b[m], loras["x"].b[m])
+        assert x.a[m].untyped_storage().data_ptr() == x.flat.data.untyped_storage().data_ptr()
+        assert x.b[m].untyped_storage().data_ptr() == x.flat.data.untyped_storage().data_ptr()
+    with pytest.raises(ValueError, match="not views of the flat buffer"):
+        dataclasses.replace(x, a=dict(loras["x"].a), b=dict(loras["x"].b))  # the buffer would be stale
+    with pytest.raises(ValueError, match="not the LoRA's"):
+        flatten(loras["z"], x.flat.layout)  # rank 8, not 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("names", [["x"], ["x", "y"], ["y", "x", "x"]])
+def test_flat_linear_fusion_equals_the_per_module_path_bit_for_bit(
+    loras: dict, monkeypatch, names: list[str], dtype: torch.dtype
+) -> None:
+    """Float32 sums rounded once to the serving dtype, exactly as `_weighted_sum` then `.to()`."""
+    monkeypatch.setattr(lora_math, "_CHUNK", 96)  # chunks and groups that cut across tensors
+    monkeypatch.setattr(lora_math, "_GROUP", 3)
+    weights = [0.55, 0.3, 0.15][: len(names)]
+    expected = fuse("linear", [loras[n] for n in names], weights)  # per module (not flat)
+    got = fuse("linear", _flat_anchors(loras, names), weights, dtype=dtype)
+
+    assert expected.flat is None and got.flat is not None and got.scaling == 1.0
+    for m in expected.modules:
+        assert got.a[m].dtype == got.b[m].dtype == dtype
+        assert torch.equal(got.a[m], expected.a[m].to(dtype)) and torch.equal(got.b[m], expected.b[m].to(dtype))
+
+
+@pytest.mark.parametrize("mode", ["linear", "cat"])
+def test_flat_anchors_fuse_and_stack_like_per_module_ones(loras: dict, mode: str) -> None:
+    weights = [0.7, 0.3]
+    expected = fuse(mode, [loras["x"], loras["y"]], weights, stacked=loras["qv"])
+    for dtype in (torch.float32, torch.bfloat16):
+        got = fuse(mode, _flat_anchors(loras, ["x", "y"]), weights, stacked=loras["qv"], dtype=dtype)
+        for m in expected.modules:
+            assert torch.equal(got.a[m], expected.a[m].to(dtype)) and torch.equal(got.b[m], expected.b[m].to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_written_file_holds_exactly_peft_tensors(loras: dict, tmp_path, dtype: torch.dtype) -> None:
+    """Flat or not, fused or loaded: the file is PEFT's names and the tensors cast to dtype, exactly."""
+    fused = [
+        fuse("linear", _flat_anchors(loras, ["x", "y"]), [0.6, 0.4], dtype=dtype),  # flat, in dtype
+        fuse("linear", [loras["x"], loras["y"]], [0.6, 0.4]),  # float32, not flat
+        fuse_cat([loras["x"], loras["qv"]], [0.6, 0.4]),
+        loras["z"],  # scaling folded on save
+    ]
+    for i, lora in enumerate(fused):
+        path = save_adapter(lora, tmp_path / f"a{i}", base_model_name_or_path="tiny-llama", dtype=dtype)
+        written = load_file(path / "adapter_model.safetensors")
+        expected = peft_io._peft_tensors(fold_scaling(lora), dtype)
+        assert list(written) == sorted(expected)  # safetensors lists names sorted
+        for name, tensor in expected.items():
+            assert written[name].dtype == dtype and torch.equal(written[name], tensor), name
 
 
 def test_save_load_round_trip_replaces_existing_dir(loras: dict, tmp_path) -> None:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from server.adapters import load_adapter
 from server.bank.loader import BankError, load_bank
 
 from .conftest import THEMES
@@ -37,6 +39,17 @@ def test_good_bank_loads_and_retrieves(tiny_bank, tiny_model_config, tiny_model_
     for i, theme in enumerate(THEMES):
         hits = bank.index.search(theme_embeddings[i], 2)
         assert hits[0][0] == theme and hits[0][1] == pytest.approx(1.0, abs=1e-5) and hits[1][1] < hits[0][1]
+
+
+def test_anchors_share_one_flat_layout(tiny_bank, tiny_model_config, tiny_model_dir):
+    """So that `linear` fusion of any anchors is a few whole-buffer operations."""
+    bank = load(tiny_bank, tiny_model_config, tiny_model_dir.name)
+    layouts = {id(lora.flat.layout) for lora in bank.loras.values() if lora.flat is not None}
+    assert len(layouts) == 1 and all(lora.flat is not None for lora in bank.loras.values())
+    for spec in bank.manifest.anchors:
+        lora, original = bank.loras[spec.id], load_adapter(tiny_bank / spec.lora_path)
+        assert lora.scaling == original.scaling
+        assert all(torch.equal(lora.a[m], original.a[m]) and torch.equal(lora.b[m], original.b[m]) for m in lora.modules)
 
 
 def test_problems_are_gathered_into_one_message(bank_copy, tiny_model_config, tiny_model_dir):

@@ -51,6 +51,7 @@ def test_fusion(tmp_path: Path, tiny_model_dir: Path) -> None:
     )
     assert len(result["cells"]) == 2
     assert result["checks"]["cat_stacked_equals_peft"], result["checks"]
+    assert result["checks"]["linear_flat_equals_per_module"], result["checks"]
 
 
 def test_storage(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from .math import (
     FUSERS,
+    FlatLayout,
     FusionError,
     LoraWeights,
     check_fusion_plan,
+    flatten,
     fold_scaling,
     fuse,
     fuse_cat,
@@ -28,12 +30,14 @@ from .peft_io import (
 __all__ = [
     "FUSERS",
     "AdapterFormatError",
+    "FlatLayout",
     "FusionError",
     "LoraWeights",
     "adapter_from_bytes",
     "adapter_metadata",
     "adapter_to_bytes",
     "check_fusion_plan",
+    "flatten",
     "fold_scaling",
     "fuse",
     "fuse_cat",

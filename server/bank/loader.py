@@ -11,7 +11,13 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from server.adapters import AdapterFormatError, LoraWeights, load_adapter
+from server.adapters import (
+    AdapterFormatError,
+    FlatLayout,
+    LoraWeights,
+    flatten,
+    load_adapter,
+)
 from server.bank.index import AnchorIndex
 from server.bank.manifest import MANIFEST_FILE, BankManifest
 
@@ -87,6 +93,21 @@ def _check_lora_shapes(anchor_id: str, lora: LoraWeights, model_config: dict[str
                 f"anchor {anchor_id}: {name} maps {a.shape[1]}->{b.shape[0]}, the model's maps {fan_in}->{fan_out}"
             )
     return problems
+
+
+def flatten_anchors(loras: dict[str, LoraWeights]) -> dict[str, LoraWeights]:
+    """Each anchor in one float32 buffer; anchors with the same modules and shapes share a layout.
+
+    `linear` fusion of anchors that share a layout is a few whole-buffer operations (see
+    `server.adapters.math.FlatLayout`); the tensors stay reachable by module as before.
+    """
+    layouts: dict[FlatLayout, FlatLayout] = {}
+    flat = {}
+    for anchor, lora in loras.items():
+        layout = FlatLayout.of(lora)
+        layout = layouts.setdefault(layout, layout)
+        flat[anchor] = flatten(lora, layout)
+    return flat
 
 
 def fused_rank(ranks: list[int], mode: str, top_k: int) -> int:
@@ -188,6 +209,6 @@ def load_bank(
     return Bank(
         path=path,
         manifest=manifest,
-        loras=loras,
+        loras=flatten_anchors(loras),
         index=AnchorIndex([a.id for a in manifest.anchors], embeddings),
     )

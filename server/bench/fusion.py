@@ -14,7 +14,8 @@ Each side runs at torch's default thread count (as the server runs it) and at 1 
 `ratio` = PEFT median / ours median, the smallest over the configurations at the default thread
 count (higher is better; the goal is >= 10 and ours <= 10 ms). `cat` results are checked equal
 to PEFT's; PEFT's `linear` scales A and B by sqrt(w_i s_i), so it is the same cost, not the
-same adapter.
+same adapter. Ours `linear` (whole-buffer sums over the bank's flat anchors) is checked equal,
+bit for bit, to the per-module float32 sums rounded to the written dtype.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     flush=True,
                 )
         torch.set_num_threads(default_threads)
-        checks = setup.check_cat_equal()
+        checks = {**setup.check_cat_equal(), **setup.check_linear_flat()}
         adapter_bytes = setup.adapter_bytes
         shutil.rmtree(setup.out, ignore_errors=True)
     headline = [c for c in cells if c["threads_setting"] == opts.threads[0]]
@@ -312,3 +313,22 @@ class _Setup:
             "max_abs_diff": worst,
             "max_abs_delta": scale,
         }
+
+    def check_linear_flat(self) -> dict[str, Any]:
+        """Ours `linear` from the bank's flat anchors, in the written dtype, equals the per-module
+        float32 sums rounded once to it, bit for bit."""
+        import torch
+
+        from server.adapters import LoraWeights, fuse
+        from server.fusion import build_adapter
+
+        plan = self._plan(self.opts.k[0], "linear", 0)
+        ours = build_adapter(self.bank, plan, 512, dtype=self.dtype)
+        anchors = [self.bank.loras[a] for a, _ in plan.anchors]
+        per_module = [LoraWeights(a=dict(x.a), b=dict(x.b), scaling=x.scaling) for x in anchors]  # not flat
+        expected = fuse("linear", per_module, [w for _, w in plan.anchors])
+        equal = ours.flat is not None and all(
+            torch.equal(ours.a[m], expected.a[m].to(self.dtype)) and torch.equal(ours.b[m], expected.b[m].to(self.dtype))
+            for m in expected.modules
+        )
+        return {"linear_flat_equals_per_module": equal}
