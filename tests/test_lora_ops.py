@@ -451,6 +451,186 @@ def test_lora_linear_bfloat16_matches_vllm_to_bfloat16_precision(installed, pref
     assert rel_err(ours_y, stock_y) <= 2**-7
 
 
+# --- the kernel's whole-layer call (`lora_linear`: decode steps, short prompts) -------------
+
+KERNEL_IN = 64  # the kernel needs an input width that is a multiple of 32 and rank 16 or a multiple of 32
+
+# Token LoRA ids (0: no adapter) for steps that take the whole-layer call.
+FUSED_CASES: dict[str, list[int]] = {
+    "one token per adapter": [14, 12, 11, 13],
+    "base tokens mixed in": [14, 0, 12, 0, 11, 13, 0],
+    "one shared adapter": [12] * 9,
+    "repeated adapters": [11, 12, 13, 14, 12, 11] * 4,
+    "short prompts of many adapters": [11] * 30 + [12] * 25 + [0] * 7 + [13] * 40 + [14] * 20,
+}
+FUSED_OUTS = {
+    "qkv": (160, 48, 48),  # full 64-output tiles, 16-output blocks
+    "gate-up": (70, 70),  # a 6-output tail
+    "one-slice": (40,),
+}
+
+
+def kernel_weights(outs: tuple[int, ...], rank: int, seed: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """bf16 LoRA weights as vLLM stacks them; the last slot is left empty for vLLM's index -1."""
+    g = torch.Generator().manual_seed(seed)
+    slots = len(LORA_IDS)
+    a = tuple((torch.randn(slots, 1, rank, KERNEL_IN, generator=g) * 0.2).bfloat16() for _ in outs)
+    b = tuple((torch.randn(slots, 1, o, rank, generator=g) * 0.2).bfloat16() for o in outs)
+    for t in a + b:
+        t[-1] = 0
+    return a, b
+
+
+def update_wrapper(wrapper, token_lora_ids: list[int], prefill: bool = True) -> None:
+    """A new step's metadata on an existing wrapper, as vLLM's model runner sets it before each step."""
+    from vllm.lora.layers.utils import LoRAMapping
+
+    wrapper.update_metadata(LoRAMapping(token_lora_ids, token_lora_ids, is_prefill=prefill), LORA_IDS, len(LORA_IDS), 100)
+
+
+def layer_output(wrapper, x, a, b, outs, y0) -> torch.Tensor:
+    y = y0.clone()
+    wrapper.add_lora_linear(y, x, a, b, 1.0, outs)
+    return y
+
+
+@pytest.fixture()
+def fused_calls(installed, monkeypatch) -> list[int]:
+    """Counts the kernel's whole-layer calls (skips where the kernel cannot be built)."""
+    if kernel.build() is None:
+        pytest.skip("the C++ kernel cannot be built here (no AVX512-BF16 or no compiler)")
+    calls: list[int] = []
+    real = kernel.lora_linear
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "lora_linear", counted)
+    return calls
+
+
+@pytest.mark.parametrize("rank", [16, 32])
+@pytest.mark.parametrize("outs", list(FUSED_OUTS.values()), ids=list(FUSED_OUTS))
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+@pytest.mark.parametrize("prefill", [True, False], ids=["prefill-metadata", "decode-metadata"])
+def test_fused_lora_linear_matches_vllm_to_bfloat16_precision(fused_calls, case, outs, rank, prefill):
+    """The whole-layer call against vLLM's stock PunicaWrapperCPU.add_lora_linear, bf16 in and out."""
+    ids = FUSED_CASES[case]
+    a, b = kernel_weights(outs, rank, seed=len(ids) + rank)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(len(ids), KERNEL_IN, generator=g).bfloat16()
+    y0 = torch.randn(len(ids), sum(outs) + 5, generator=g).bfloat16()  # wider than the slices: the rest untouched
+    wrapper = punica_wrapper(ids, prefill)
+    ours_y = layer_output(wrapper, x, a, b, outs, y0)
+    assert fused_calls
+    with vllm_stock():
+        stock_y = layer_output(wrapper, x, a, b, outs, y0)
+    assert rel_err(ours_y.float(), stock_y.float()) <= 2**-7
+    base_rows = [i for i, lora_id in enumerate(ids) if lora_id == 0]
+    assert torch.equal(ours_y[base_rows], y0[base_rows]) and torch.equal(ours_y[:, sum(outs) :], y0[:, sum(outs) :])
+
+
+def test_fused_lora_linear_is_exact_to_its_two_roundings(fused_calls):
+    """h = bf16(scale * x @ A.T) and y = bf16(y + h @ B.T), each from a float32 sum: against a float64 reference."""
+    module = kernel.get()
+    outs = (160, 48, 48)
+    a, b = kernel_weights(outs, 16, seed=3)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, KERNEL_IN, generator=g).bfloat16()
+    y = torch.randn(6, sum(outs), generator=g).bfloat16()
+    rows, slots = torch.tensor([0, 2, 3, 5]), torch.tensor([1, 0, 1, 2])
+    expected = y.double()
+    for t, s in zip(rows.tolist(), slots.tolist()):
+        offset = 0
+        for ai, bi, size in zip(a, b, outs):
+            h = (x[t].double() @ ai[s, 0].double().T * 0.5).bfloat16().double()
+            expected[t, offset : offset + size] += h @ bi[s, 0].double().T
+            offset += size
+    for paired in (False, True):
+        weights = kernel.packed.get(module, a, b) if paired else (a, b)
+        actual = y.clone()
+        module.lora_linear(x, actual, weights[0], weights[1], outs, rows, slots, 0.5, paired)
+        assert rel_err(actual.double(), expected.bfloat16().double()) <= 2**-8
+        assert torch.equal(actual[[1, 4]], y[[1, 4]])
+
+
+def test_fused_lora_linear_follows_weight_and_metadata_updates(fused_calls):
+    """The packed weights are rewritten when vLLM writes a slot, and the plan when the step's metadata changes."""
+    outs = (160, 48, 48)
+    a, b = kernel_weights(outs, 16, seed=5)
+    g = torch.Generator().manual_seed(13)
+    wrapper = punica_wrapper([11, 12, 13, 14], prefill=True)
+    steps = (
+        ([11, 12, 13, 14], None),
+        ([14, 0, 12, 11, 13], lambda: a[1][2, 0, :, :5].copy_(torch.randn(16, 5, generator=g).bfloat16())),
+        ([12, 12, 0, 13], lambda: b[2][1].copy_(torch.randn(1, 48, 16, generator=g).bfloat16())),
+        ([13, 11], lambda: a[0].__setitem__(2, 0)),  # vLLM's reset_lora
+    )
+    for ids, update in steps:
+        if update is not None:
+            update()
+        update_wrapper(wrapper, ids)
+        x = torch.randn(len(ids), KERNEL_IN, generator=g).bfloat16()
+        y0 = torch.randn(len(ids), sum(outs), generator=g).bfloat16()
+        ours_y = layer_output(wrapper, x, a, b, outs, y0)
+        with vllm_stock():
+            stock_y = layer_output(wrapper, x, a, b, outs, y0)
+        assert rel_err(ours_y.float(), stock_y.float()) <= 2**-7, ids
+    assert len(fused_calls) == len(steps)
+
+
+def test_fused_lora_linear_without_version_counters_reads_vllms_weights(fused_calls):
+    """Inference tensors cannot tell when they change: no packed copy, the kernel reads vLLM's layout."""
+    outs = (160, 48, 48)
+    with torch.inference_mode():
+        a, b = kernel_weights(outs, 16, seed=9)
+    assert kernel.packed.get(kernel.get(), a, b) is None
+    ids = FUSED_CASES["base tokens mixed in"]
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(len(ids), KERNEL_IN, generator=g).bfloat16()
+    y0 = torch.randn(len(ids), sum(outs), generator=g).bfloat16()
+    wrapper = punica_wrapper(ids)
+    ours_y = layer_output(wrapper, x, a, b, outs, y0)
+    assert fused_calls
+    with vllm_stock():
+        stock_y = layer_output(wrapper, x, a, b, outs, y0)
+    assert rel_err(ours_y.float(), stock_y.float()) <= 2**-7
+
+
+def test_without_the_kernel_layers_take_the_per_slice_ops(installed, monkeypatch):
+    """MTA_LORA_CPU_KERNEL=0 or no build: the same steps go through the torch ops, still as vLLM."""
+    monkeypatch.setattr(kernel, "get", lambda: None)
+    monkeypatch.setattr(kernel, "lora_linear", None)  # must not be called
+    outs = (160, 48, 48)
+    a, b = kernel_weights(outs, 16, seed=21)
+    for ids in FUSED_CASES.values():
+        g = torch.Generator().manual_seed(len(ids))
+        x = torch.randn(len(ids), KERNEL_IN, generator=g).bfloat16()
+        y0 = torch.randn(len(ids), sum(outs), generator=g).bfloat16()
+        wrapper = punica_wrapper(ids)
+        ours_y = layer_output(wrapper, x, a, b, outs, y0)
+        with vllm_stock():
+            stock_y = layer_output(wrapper, x, a, b, outs, y0)
+        assert rel_err(ours_y.float(), stock_y.float()) <= 2**-7
+
+
+def test_which_steps_take_the_whole_layer_call():
+    """Decode-sized steps and steps of many short runs do; long runs (prefill chunks) and one or two runs do not."""
+
+    def fused(slots: list[int], lengths: list[int]) -> bool:
+        return ours._make_plan(slots, lengths).token_rows is not None
+
+    assert fused(list(range(32)), [1] * 32)
+    assert fused([3], [ours.FUSED_MAX_TOKENS])
+    assert fused([0, 1, -1, 2], [38, 38, 5, 38])
+    assert not fused([3], [ours.FUSED_MAX_TOKENS + 1])
+    assert not fused([0, 1], [50, 50])
+    assert not fused([0, 1, 2], [20, ours.MIN_LOOP_RUN, 20])
+    plan = ours._make_plan([2, -1, 0, 0], [2, 1, 1, 2])
+    assert plan.token_rows.tolist() == [0, 1, 3, 4, 5] and plan.token_slots.tolist() == [2, 2, 0, 0, 0]
+
+
 # --- end to end: the server with the plugin on (session server) and off --------------------
 
 

@@ -4,10 +4,14 @@ vLLM's CPU wrapper calls one op per slice and direction (qkv: 3 shrinks and 3 ex
 through several Python layers, and always runs the LM-head (logits) LoRA, even when no
 loaded adapter has LM-head weights. These methods keep vLLM's semantics with less work:
 
-- `add_lora_linear`: one shrink for all slices of a layer (their A matrices concatenated
-  once per weight update, see `_derived`), one plan for the layer, and a 16-bit LoRA buffer
-  for 16-bit models (vLLM's is float32, but its expand casts it back to the 16-bit dtype
-  first, and our shrink computes 16-bit products anyway: the result is the same).
+- `add_lora_linear`: for decode steps (and prompts of many adapters, see `ops._Plan`) of a
+  bf16 model, one call of the C++ kernel for the whole layer (`kernel.lora_linear`: every
+  shrink and expand, per token, from a packed copy of the weights). Otherwise one shrink for
+  all slices of a layer (their A matrices concatenated once per weight update, see
+  `_derived`) and a 16-bit LoRA buffer for 16-bit models (vLLM's is float32, but its expand
+  casts it back to the 16-bit dtype first, and our shrink computes 16-bit products anyway:
+  the result is the same). The step's plan is kept on the wrapper until vLLM updates its
+  metadata.
 - `add_lora_logits`: tokens whose slot has no LM-head weights (an all-zero A, as vLLM
   leaves a slot whose adapter does not target the LM head) get no LM-head work; with no such
   token, nothing runs. Otherwise as vLLM, on the remaining tokens.
@@ -27,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from server.lora_ops import kernel
 from server.lora_ops.ops import (
     _NARROW,
     _expand_slice,
@@ -73,8 +78,46 @@ def _slots_with_weights(lora_a_stacked: tuple[Tensor, ...]) -> list[bool]:
     return a.flatten(1).ne(0).any(dim=1).tolist()
 
 
+def _metadata_key(wrapper: Any) -> tuple | None:
+    """Identifies the wrapper's step metadata: vLLM rewrites its index tensors in place once per step.
+
+    In-place writes bump a tensor's version counter, so the key changes whenever
+    `update_metadata` runs. None when it cannot be told (no such attributes, inference tensors).
+    """
+    try:
+        tensors = (wrapper._token_lora_indices, wrapper._seq_lengths, wrapper._lora_indices_per_batch)
+        return (
+            wrapper.is_prefill,
+            wrapper.no_lora,
+            wrapper.batch_size,
+            wrapper.indices_len[0],
+            *map(id, tensors),
+            *(t._version for t in tensors),
+        )
+    except (AttributeError, IndexError, RuntimeError, TypeError):
+        return None
+
+
 def _layer_plan(wrapper: Any) -> _Plan | None:
-    """The plan for the wrapper's current step (None: no token has an adapter in this prefill)."""
+    """The plan for the wrapper's current step (None: no token has an adapter in this prefill).
+
+    Kept on the wrapper until its metadata changes: the step's 120+ layer calls (SmolLM2: 30
+    layers x 4) then skip reading the index tensors back and looking the plan up.
+    """
+    key = _metadata_key(wrapper)
+    cached = wrapper.__dict__.get(_PLAN_ATTR)
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    plan = _step_plan(wrapper)
+    if key is not None:
+        wrapper.__dict__[_PLAN_ATTR] = (key, plan)
+    return plan
+
+
+_PLAN_ATTR = "_mta_lora_plan"
+
+
+def _step_plan(wrapper: Any) -> _Plan | None:
     if not wrapper.is_prefill:
         return _token_plan(wrapper.token_lora_indices)
     if wrapper.no_lora:
@@ -115,6 +158,17 @@ def add_lora_linear(
         return
     x = x.view(-1, x.shape[-1])
     y2 = y.view(-1, y.shape[-1])
+    if (
+        plan.token_rows is not None
+        and x.shape[0] == plan.num_tokens
+        and kernel.supports_linear(x, y2, lora_a_stacked, lora_b_stacked)
+        and (module := kernel.get()) is not None
+    ):  # a decode step: the whole layer (every shrink and expand) in one native call
+        if plan.token_rows.numel():
+            weights = kernel.packed.get(module, lora_a_stacked, lora_b_stacked)
+            a, b = weights if weights is not None else (lora_a_stacked, lora_b_stacked)
+            kernel.lora_linear(module, x, y2, a, b, output_slices, plan, scale, weights is not None)
+        return
     r = lora_a_stacked[0].shape[-2]
     narrow = x.dtype in _NARROW and scale == 1.0 and all(a.dtype == x.dtype for a in lora_a_stacked)
     buf = x.new_empty(x.shape[0], r * len(lora_a_stacked), dtype=x.dtype if narrow else torch.float32)
