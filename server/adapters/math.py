@@ -336,8 +336,12 @@ def _linear_sum(
     modules = list(loras[0].a)
     a = _weighted_sum([[lora.a[m] for m in modules] for lora in loras], weights)  # [r, in] each
     b = _weighted_sum([[lora.b[m] for m in modules] for lora in loras], b_weights)  # [out, r] each
-    fused = LoraWeights(a=dict(zip(modules, a)), b=dict(zip(modules, b)), scaling=1.0)
-    return fused if dtype == torch.float32 else flatten(fused, dtype=dtype)
+    return _in_dtype(LoraWeights(a=dict(zip(modules, a)), b=dict(zip(modules, b)), scaling=1.0), dtype)
+
+
+def _in_dtype(lora: LoraWeights, dtype: torch.dtype) -> LoraWeights:
+    """`lora` (float32) rounded once to `dtype`, into one flat buffer that the writer sends as is."""
+    return lora if dtype == torch.float32 else flatten(lora, dtype=dtype)
 
 
 def _shared_flat(loras: Sequence[LoraWeights]) -> tuple[FlatLayout, list[Tensor]] | None:
@@ -415,16 +419,14 @@ def stack(fused: LoraWeights, stacked: LoraWeights) -> LoraWeights:
     return _concat_rank([fused, stacked], [1.0, 1.0])
 
 
-def _concat_rank(
-    loras: Sequence[LoraWeights], weights: Sequence[float], dtype: torch.dtype = torch.float32
-) -> LoraWeights:
-    """Concatenate LoRAs along the rank axis over the union of their modules, in `dtype`.
+def _concat_rank(loras: Sequence[LoraWeights], weights: Sequence[float]) -> LoraWeights:
+    """Concatenate LoRAs along the rank axis over the union of their modules.
 
     A LoRA without a module contributes zero rows/columns of its rank there, so
-    every module of the result has the same rank (one adapter needs one r). A result in
-    another dtype is cast into one flat buffer (one `torch._foreach_copy_`, written to the
-    file as is); concatenating straight into a flat buffer is slower: a fresh float32 buffer
-    of 44 MB (top-4 + stacking) is mmap-ed, and the page faults cost more than the copies.
+    every module of the result has the same rank (one adapter needs one r). `fuse` casts the
+    result into one flat buffer afterwards (`_in_dtype`); concatenating straight into a flat
+    buffer is slower: a fresh float32 buffer of 44 MB (top-4 + stacking) is mmap-ed, and the
+    page faults cost more than the copies.
     """
     modules = sorted(set().union(*(lora.a for lora in loras)))
     features = {m: _features(loras, m) for m in modules}
@@ -435,8 +437,7 @@ def _concat_rank(
     b_parts = [[_b_or_zeros(lora, m, features[m]) for m in modules] for lora in loras]  # [out, r_i]
     a = {m: torch.cat([part[i] for part in a_parts]) for i, m in enumerate(modules)}  # [sum r_i, in]
     b = {m: torch.cat([part[i] for part in b_parts], dim=1) for i, m in enumerate(modules)}  # [out, sum r_i]
-    out = LoraWeights(a=a, b=b, scaling=1.0)
-    return out if dtype == torch.float32 else flatten(out, dtype=dtype)
+    return LoraWeights(a=a, b=b, scaling=1.0)
 
 
 def _a_or_zeros(lora: LoraWeights, module: str, features: tuple[int, int]) -> Tensor:
@@ -481,4 +482,4 @@ def fuse(
         loras, weights = [fused], [1.0]
     if stacked is not None:
         loras, weights = [*loras, stacked], [*weights, 1.0]
-    return _concat_rank(loras, weights, dtype)
+    return _in_dtype(_concat_rank(loras, weights), dtype)
