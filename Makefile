@@ -32,12 +32,15 @@ model: install
 run: model
 	$(BIN)/mta serve
 
-# Rebuild the committed demo bank (bank_artifacts/demo) from the committed LaMP-2M data:
-# 8 anchors, rank-4 all-linear meta-LoRAs stored in bf16 (~20 MB), half the users held out.
+# Rebuild the committed demo bank (bank_artifacts/demo) from the committed LaMP-2M data, half the
+# users held out: a rank-8 task LoRA trained on the whole anchor pool (stored once), 8 rank-4
+# residual meta-LoRAs over it, each anchor-pool user's last 2 items held out for early stopping and
+# for choosing the fusion defaults; bf16 (~25 MB). See docs/results.md.
 bank: model
 	$(BIN)/mta bank build --task movie_tagging --data bank_artifacts/data/movie_tagging.json \
 		--out bank_artifacts/demo --name lamp2m-demo --anchors 8 --rank 4 --dtype bf16 \
-		--meta-data cluster --holdout-fraction 0.5 --seed 0
+		--meta-data cluster --holdout-fraction 0.5 --seed 0 \
+		--init task --task-rank 8 --task-epochs 3 --epochs 4 --validation-items 2 --patience 1
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -18,11 +18,12 @@ import hashlib
 import logging
 import re
 import shutil
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from server.errors import AdapterCacheFull
 
@@ -50,7 +51,7 @@ def out_of_space(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class AdapterKey:
-    """What makes two users' adapters identical (DESIGN.md section 2)."""
+    """What makes two users' adapters identical (docs/architecture.md, section 2)."""
 
     bank: str  # ServedBank.uid: a bank load, not just its version string
     anchors: tuple[tuple[str, float], ...]  # (anchor id, rounded weight), most similar first
@@ -66,8 +67,17 @@ class CachedAdapter:
     key: AdapterKey
     lora_int_id: int
     path: Path
+    info: Any = None  # what `build` returned (e.g. the adapter's rank): lives and dies with the entry
     leases: int = 0
     retired: bool = False  # evicted or invalidated: delete when the last lease ends
+
+
+@dataclass
+class _Build:
+    """The lock that makes concurrent first requests for one key build it once, and its users."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 @dataclass
@@ -85,7 +95,8 @@ class AdapterCache:
         self.capacity = capacity
         self.stats = CacheStats()
         self._entries: OrderedDict[AdapterKey, CachedAdapter] = OrderedDict()
-        self._building: defaultdict[AdapterKey, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Only keys being built (or waited for) right now: dropped by the last user, success or not.
+        self._building: dict[AdapterKey, _Build] = {}
         self._next_id = 1
         # Adapters of an earlier process are unknown to this engine: start clean.
         shutil.rmtree(self.root, ignore_errors=True)
@@ -96,9 +107,10 @@ class AdapterCache:
 
     @asynccontextmanager
     async def lease(
-        self, key: AdapterKey, build: Callable[[Path], Awaitable[None]]
+        self, key: AdapterKey, build: Callable[[Path], Awaitable[Any]]
     ) -> AsyncIterator[tuple[CachedAdapter, bool]]:
-        """Yield (adapter, cache_hit), building it with `build(path)` on a miss."""
+        """Yield (adapter, cache_hit), building it with `build(path)` on a miss; what `build`
+        returns is kept as the entry's `info`."""
         entry, hit = await self._get_or_build(key, build)
         entry.leases += 1
         try:
@@ -109,38 +121,51 @@ class AdapterCache:
                 shutil.rmtree(entry.path, ignore_errors=True)
 
     async def _get_or_build(
-        self, key: AdapterKey, build: Callable[[Path], Awaitable[None]]
+        self, key: AdapterKey, build: Callable[[Path], Awaitable[Any]]
     ) -> tuple[CachedAdapter, bool]:
+        if (entry := self._hit(key)) is not None:
+            return entry, True
+        building = self._building.setdefault(key, _Build())
+        building.users += 1
+        try:
+            async with building.lock:  # concurrent first requests for one key build it once
+                return await self._build_locked(key, build)
+        finally:
+            building.users -= 1
+            if building.users == 0:  # nobody waits on this lock any more (the build succeeded or failed)
+                del self._building[key]
+
+    def _hit(self, key: AdapterKey) -> CachedAdapter | None:
         if (entry := self._entries.get(key)) is not None:
             self._entries.move_to_end(key)
             self.stats.hits += 1
+        return entry
+
+    async def _build_locked(
+        self, key: AdapterKey, build: Callable[[Path], Awaitable[Any]]
+    ) -> tuple[CachedAdapter, bool]:
+        """Under the key's build lock: another request may have built it while this one waited."""
+        if (entry := self._hit(key)) is not None:
             return entry, True
-        lock = self._building[key]
-        async with lock:  # concurrent first requests for one key build it once
-            if (entry := self._entries.get(key)) is not None:
-                self._entries.move_to_end(key)
-                self.stats.hits += 1
-                return entry, True
-            self.stats.misses += 1
-            lora_int_id = self._next_id
-            self._next_id += 1
-            path = self.root / f"{lora_int_id}-{key.digest()}"
-            try:
-                await build(path)
-            except Exception as e:
-                shutil.rmtree(path, ignore_errors=True)
-                if not out_of_space(e):
-                    raise
-                log.warning("adapter cache %s is out of space: %s", self.root, e)
-                raise AdapterCacheFull(
-                    "the adapter cache is out of disk space: this user's adapter cannot be materialized"
-                    " now; adapters already cached and the base model are still served. Retry later."
-                ) from e
-            entry = CachedAdapter(key=key, lora_int_id=lora_int_id, path=path)
-            self._entries[key] = entry
-            self._building.pop(key, None)
-            self._evict()
-            return entry, False
+        self.stats.misses += 1
+        lora_int_id = self._next_id
+        self._next_id += 1
+        path = self.root / f"{lora_int_id}-{key.digest()}"
+        try:
+            info = await build(path)
+        except Exception as e:
+            shutil.rmtree(path, ignore_errors=True)
+            if not out_of_space(e):
+                raise
+            log.warning("adapter cache %s is out of space: %s", self.root, e)
+            raise AdapterCacheFull(
+                "the adapter cache is out of disk space: this user's adapter cannot be materialized"
+                " now; adapters already cached and the base model are still served. Retry later."
+            ) from e
+        entry = CachedAdapter(key=key, lora_int_id=lora_int_id, path=path, info=info)
+        self._entries[key] = entry
+        self._evict()
+        return entry, False
 
     def _retire(self, entry: CachedAdapter) -> None:
         entry.retired = True

@@ -76,6 +76,8 @@ def _offline_setup(threads: int | None) -> None:
 
 
 def cmd_bank_build(args: argparse.Namespace) -> None:
+    import dataclasses
+
     from server.bank.build import BankBuildError, BuildConfig, build_bank, make_task
     from server.bank.manifest import FusionDefaults
     from server.defaults import resolve_model
@@ -105,8 +107,15 @@ def cmd_bank_build(args: argparse.Namespace) -> None:
             kmeans_seed=args.seed,
             dtype=args.dtype,
             embedding_model=args.embedding_model or DEFAULT_EMBEDDING_MODEL,
-            fusion=FusionDefaults(mode=args.fusion_mode, top_k=args.top_k),
+            fusion=FusionDefaults(mode=args.fusion_mode, top_k=args.top_k, residual_scale=args.residual_scale),
             name=args.name,
+            init=args.init,
+            task_train=dataclasses.replace(
+                train, rank=args.task_rank, alpha=2 * args.task_rank, epochs=args.task_epochs or args.epochs
+            ),
+            validation_items=args.validation_items,
+            patience=args.patience,
+            select_fusion=args.select_fusion,
         )
     except ValueError as e:
         sys.exit(f"mta bank build: {e}")
@@ -119,13 +128,19 @@ def cmd_bank_build(args: argparse.Namespace) -> None:
         sys.exit(f"mta bank build: {e}")
     size = sum(f.stat().st_size for f in report.path.rglob("*") if f.is_file())
     print(f"bank {report.manifest.bank_version} written to {report.path} ({size / 1e6:.1f} MB)")
-    for anchor in report.manifest.anchors:
-        rec = report.manifest.extra["anchors"][anchor.id]
-        print(
-            f"  anchor {anchor.id}: cluster of {anchor.cluster_size}, {rec['examples']} examples,"
-            f" loss {rec['initial_loss']:.3f} -> {rec['final_loss']:.3f}"
-        )
-    print(f"trained {len(report.trained)}, reused {len(report.skipped)} anchors in {report.seconds:.0f} s")
+    extra = report.manifest.extra
+    shared = extra["training"].get("shared")
+    for name, rec in ([("shared task LoRA", shared)] if shared else []) + [
+        (f"anchor {a.id}: cluster of {a.cluster_size}", extra["anchors"][a.id]) for a in report.manifest.anchors
+    ]:
+        if "validation_losses" in rec:
+            fit = f"validation loss by epoch {rec['validation_losses']}, kept epoch {rec['best_epoch']}"
+        else:
+            fit = f"loss {rec['initial_loss']:.3f} -> {rec['final_loss']:.3f}"
+        print(f"  {name}, {rec['examples']} examples, {fit}")
+    if "chosen" in extra.get("fusion_selection", {}):
+        print(f"fusion defaults chosen on the anchor pool: {extra['fusion_selection']['chosen']}")
+    print(f"trained {len(report.trained)}, reused {len(report.skipped)} LoRAs in {report.seconds:.0f} s")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -141,6 +156,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         format_timings,
         run,
     )
+    from server.settings import Settings
+    from server.stacking import stack_config
     from server.training import TrainConfig
 
     _offline_setup(args.threads)
@@ -168,9 +185,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             dtype=args.dtype,
             task_train=TrainConfig(epochs=args.task_epochs),
             oppu_train=TrainConfig(rank=8, alpha=16, learning_rate=args.user_lr, epochs=args.user_epochs, batch_size=2),
-            stack_train=TrainConfig(
-                rank=args.stack_rank, alpha=2 * args.stack_rank, learning_rate=args.user_lr, epochs=args.user_epochs,
-                batch_size=2,
+            stack_train=stack_config(
+                Settings.model_construct(), rank=args.stack_rank, learning_rate=args.user_lr, epochs=args.user_epochs
             ),
             resamples=args.resamples,
             folds=args.folds,
@@ -255,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--embedding-model", help="name or directory (default: all-MiniLM-L6-v2, shipped)")
     build.add_argument("--fusion-mode", choices=["linear", "cat"], default="linear", help="bank default")
     build.add_argument("--top-k", type=int, default=2, help="bank default anchors fused per user")
+    build.add_argument("--residual-scale", type=float, default=1.0, help="bank default factor on the fused residuals")
+    build.add_argument("--init", choices=["zero", "task"], default="zero",
+                       help="zero: meta-LoRAs from scratch (paper); task: residuals over a shared task LoRA "
+                       "trained first on the whole anchor pool (stored once)")
+    build.add_argument("--task-rank", type=int, default=8, help="--init task: the shared task LoRA's rank")
+    build.add_argument("--task-epochs", type=int, help="--init task: the shared task LoRA's (most) epochs (default: --epochs)")
+    build.add_argument("--validation-items", type=int, default=0,
+                       help="hold out each anchor-pool user's last N items: early stopping and the fusion defaults' choice")
+    build.add_argument("--patience", type=int, default=1, help="epochs without a better validation loss before stopping")
+    build.add_argument("--no-select-fusion", dest="select_fusion", action="store_false",
+                       help="keep --fusion-mode/--top-k/--residual-scale instead of choosing them on the validation items")
     build.add_argument("--name", help="bank name (default: the task)")
     build.add_argument("--work-dir", type=Path, help="trained meta-LoRAs for resuming (default: .<out>.build)")
     build.add_argument("--keep-work", action="store_true", help="keep the work directory after success")
@@ -290,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task-epochs", type=int, default=2, help="task_lora epochs over the anchor pool")
     ev.add_argument("--user-epochs", type=int, default=3, help="oppu and mta_stack epochs over the few-shot set")
     ev.add_argument("--user-lr", type=float, default=2e-4, help="oppu and mta_stack learning rate")
-    ev.add_argument("--stack-rank", type=int, default=4, help="mta_stack rank (paper: 4; oppu: 8)")
+    ev.add_argument("--stack-rank", type=int, help="mta_stack rank (default: the server's MTA_FINETUNE_RANK, 2; oppu: 8)")
     ev.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of users")
     ev.add_argument("--threads", type=int, help="torch CPU threads for training")
     ev.add_argument("--history-template", help="generic tasks: history item template")

@@ -78,13 +78,18 @@ def build_adapter(
     stacked: LoraWeights | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> LoraWeights:
-    """The one adapter vLLM serves for this plan: fused anchors, plus the stacked LoRA if any.
+    """The one adapter vLLM serves for this plan: the bank's shared LoRA if it has one, the fused
+    anchors (times the bank's residual scale), and the stacked LoRA if any.
 
     Summed in float32; `dtype` is the tensors' (the serving dtype when it is to be written).
+    The residual scale is fixed per bank load (`bank_uid`), so the plan's cache key covers it.
     """
     loras = [bank.loras[a] for a, _ in plan.anchors]
     weights = [w for _, w in plan.anchors]
-    return fuse(plan.mode, loras, weights, stacked=stacked, max_rank=max_rank, dtype=dtype)
+    return fuse(
+        plan.mode, loras, weights, stacked=stacked, max_rank=max_rank, dtype=dtype,
+        shared=bank.shared, residual_scale=bank.residual_scale,
+    )  # fmt: skip
 
 
 def materialize(

@@ -12,7 +12,15 @@ from server.engine import Completion, Engine
 from server.errors import InvalidInput
 from server.metrics import Metrics
 from server.personalize import AdapterLease, Personalizer, UserContext
-from server.prompts import chat_prompt, personalize_messages, retrieve_top1, user_content
+from server.prompts import (
+    chat_prompt,
+    count_tokens,
+    last_user_turn,
+    retrieve_top1,
+    truncate_tokens,
+    user_content,
+    with_history_item,
+)
 from server.settings import Settings
 
 
@@ -79,16 +87,40 @@ class Generator:
         self.tokenizer = tokenizer
         self.metrics = metrics
 
-    def _prompt_ids(self, inp: GenerationInput, ctx: UserContext) -> list[int]:
+    def _prompt_ids(self, inp: GenerationInput, ctx: UserContext, max_tokens: int) -> list[int]:
+        """The prompt's token ids, with the user's BM25 top-1 history item if the profile is used.
+
+        The item is cut to `max_history_tokens`, and further to what the context leaves beside
+        the request's own text and `max_tokens`, so that a profile never makes a request fail:
+        with no room left the instruction goes alone (and is refused only if it alone does not fit).
+        """
         use_profile = self.settings.profile_context if inp.use_profile is None else inp.use_profile
         history = ctx.history if use_profile else []
         if inp.messages is not None:
-            return chat_prompt(self.tokenizer, personalize_messages(inp.messages, history))
-        assert inp.prompt is not None
-        content = user_content(inp.prompt, retrieve_top1(history, inp.prompt)) if history else inp.prompt
-        if inp.chat_template and getattr(self.tokenizer, "chat_template", None):
-            return chat_prompt(self.tokenizer, [{"role": "user", "content": content}])
-        return list(self.tokenizer(content, add_special_tokens=True)["input_ids"])
+            turn = last_user_turn(inp.messages)
+            query = inp.messages[turn]["content"] if turn is not None else None
+        else:
+            assert inp.prompt is not None
+            query = inp.prompt
+
+        def build(item: str | None) -> list[int]:
+            if inp.messages is not None:
+                return chat_prompt(self.tokenizer, with_history_item(inp.messages, item))
+            content = user_content(inp.prompt, item)
+            if inp.chat_template and getattr(self.tokenizer, "chat_template", None):
+                return chat_prompt(self.tokenizer, [{"role": "user", "content": content}])
+            return list(self.tokenizer(content, add_special_tokens=True)["input_ids"])
+
+        if not history or query is None:
+            return build(None)
+        item = truncate_tokens(self.tokenizer, retrieve_top1(history, query), self.settings.max_history_tokens)
+        ids = build(item or None)
+        room = self.settings.max_model_len - max_tokens
+        while len(ids) > room and item:  # the item shrinks strictly each round
+            keep = count_tokens(self.tokenizer, item) - (len(ids) - room)
+            item = truncate_tokens(self.tokenizer, item, keep)
+            ids = build(item or None)
+        return ids
 
     def _check_limits(self, inp: GenerationInput) -> int:
         s = self.settings
@@ -131,7 +163,7 @@ class Generator:
             ctx = UserContext(None, self.personalizer.banks.current, None, None, [])  # type: ignore[arg-type]
         else:
             ctx = await self.personalizer.context(inp.user_id)
-        prompt_ids = self._prompt_ids(inp, ctx)
+        prompt_ids = self._prompt_ids(inp, ctx, max_tokens)
         if len(prompt_ids) + max_tokens > self.settings.max_model_len:
             raise InvalidInput(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds max_model_len"

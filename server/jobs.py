@@ -13,21 +13,27 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from server.adapters import serving_dtype
 from server.errors import Conflict, InvalidInput, NotFound, TooManyRequests
 from server.personalize import Personalizer
 from server.settings import Settings
-from server.stacking import STACKED_BLOB, stacked_to_bytes, train_stacked, training_examples
-from server.store import UserStore
-from server.training import TrainConfig
+from server.stacking import STACKED_BLOB, stack_config, stacked_to_bytes, train_stacked, training_examples
+from server.store import StoreUnavailable, UserStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ACTIVE = ("queued", "running")
+# Fields of a job record that GET /jobs never shows: the training data, and the profile version an
+# `add_to_profile` job waits to see exceed (its examples are added after the job is accepted).
+_PRIVATE_FIELDS = frozenset({"examples", "awaits_profile_version"})
+# The runner's waits between attempts to reach the store: 0.5, 1, 2, 4, ... s, at most this.
+_MAX_BACKOFF = 30.0
 
 
 @dataclass(frozen=True)
@@ -42,8 +48,12 @@ def _now() -> float:
 
 
 def public_view(job: dict[str, Any]) -> dict[str, Any]:
-    """What GET /jobs shows: everything but the training examples."""
-    return {k: v for k, v in job.items() if k != "examples"}
+    """What GET /jobs shows: everything but the training examples (and internal bookkeeping)."""
+    return {k: v for k, v in job.items() if k not in _PRIVATE_FIELDS}
+
+
+def _backoff(failures: int) -> float:
+    return min(_MAX_BACKOFF, 0.5 * 2 ** min(failures - 1, 16))
 
 
 class JobService:
@@ -72,9 +82,17 @@ class JobService:
     async def submit(
         self, user_id: str, pairs: list[tuple[str, str]], params: FinetuneParams, add_to_profile: bool
     ) -> dict[str, Any]:
+        """Accept a job (202) or refuse it; a refusal (422, 404, 409, 429) changes nothing.
+
+        Order: every check that needs no write; the user's active-job slot (409); the record and
+        the bounded queue (429: record and slot removed again); only then, for `add_to_profile`,
+        the profile. The runner holds such a job until the profile write is visible
+        (`awaits_profile_version`), so it never trains on the profile of before.
+        """
         s = self.settings
         self._validate(pairs)
-        ctx = await self.personalizer.context(user_id)
+        # add_to_profile may create the user, also with MTA_UNKNOWN_USER=404.
+        ctx = await self.personalizer.context(user_id, missing_ok=True)
         if ctx.record is None and not add_to_profile:
             raise NotFound(f"user {user_id!r} has no profile: PUT /users/{user_id}/profile first, or set add_to_profile")
         fused_rank = ctx.served.fused_rank
@@ -82,9 +100,10 @@ class JobService:
             raise InvalidInput(
                 f"rank {params.rank} on top of the fused rank {fused_rank} exceeds max_lora_rank {s.max_lora_rank}"
             )
+        items = None
         if add_to_profile:
             items = (ctx.record.items if ctx.record else []) + [{"input": i, "output": o} for i, o in pairs]
-            await self.personalizer.put_profile(user_id, items)  # validates the profile limits
+            self.personalizer.validate_items(items)  # the profile limits, before anything is written
         job_id = f"ft-{uuid.uuid4().hex[:16]}"
         holder = await self.store.claim_active_job(user_id, job_id)
         if holder is not None:
@@ -111,12 +130,31 @@ class JobService:
             "bank_path": str(ctx.served.bank.path),
             "stacked_version": None,
         }
-        await self.store.put_job(job_id, job)
-        if not await self.store.enqueue_job(job_id, s.finetune_queue_size):
-            await self.store.release_active_job(user_id, job_id)
-            await self.store.put_job(job_id, {**job, "status": "failed", "error": "queue full", "finished_at": _now()})
+        if items is not None:
+            job["awaits_profile_version"] = ctx.record.profile_version if ctx.record else 0
+        try:
+            await self.store.put_job(job_id, job)
+            accepted = await self.store.enqueue_job(job_id, s.finetune_queue_size)
+        except BaseException:
+            await self._withdraw(job_id)
+            raise
+        if not accepted:
+            await self._withdraw(job_id)
             raise TooManyRequests(f"the fine-tune queue is full ({s.finetune_queue_size} jobs); retry later")
+        if items is not None:
+            try:
+                await self.personalizer.put_profile(user_id, items)
+            except BaseException:
+                await self._withdraw(job_id)
+                raise
         return public_view(job)
+
+    async def _withdraw(self, job_id: str) -> None:
+        """Remove a job this request could not finish submitting: record, queued id, slot (best effort)."""
+        try:
+            await self.store.delete_job(job_id)
+        except Exception:  # noqa: BLE001 - the caller's error is the one to report
+            log.exception("fine-tune %s: could not remove the refused job", job_id)
 
     async def get(self, job_id: str) -> dict[str, Any]:
         job = await self.store.get_job(job_id)
@@ -140,8 +178,24 @@ async def fail_if_stale(store: UserStore, job: dict[str, Any], stale_seconds: fl
     return job
 
 
+class _Abort:
+    """Why a running job must stop (time limit, lost store); read by the training thread at each step."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def set(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+
+
 class JobRunner:
-    """Takes jobs from the store's queue and trains stacked LoRAs, one at a time."""
+    """Takes jobs from the store's queue and trains stacked LoRAs, one at a time.
+
+    It never dies of a job: a training or store error fails that job with the reason, and the
+    job's own records (running, failed, succeeded, the slot) are retried with backoff until the
+    store takes them. `health()` says whether it is alive and making progress (for /readyz).
+    """
 
     def __init__(
         self,
@@ -161,10 +215,56 @@ class JobRunner:
         self._model: Any = None
         self._tokenizer: Any = None
         self._interrupt = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        # Health: what it does, for which job, when it last made progress, the last store error.
+        self._state = "idle"
+        self._job_id: str | None = None
+        self._progress_at = time.monotonic()
+        self._store_error: str | None = None
 
     def interrupt(self) -> None:
         """Stop the running training at its next step (server shutdown); the job is reported failed."""
         self._interrupt.set()
+
+    def start(self, stop: asyncio.Event) -> asyncio.Task[None]:
+        """Run `run_forever` as a task of the running loop (the embedded runner)."""
+        self._task = asyncio.create_task(self.run_forever(stop), name="finetune-runner")
+        return self._task
+
+    def health(self) -> dict[str, Any]:
+        """`ok` false, with a `problem`, when the runner task ended or made no progress (a dequeue, a
+        training step, a store write) for longer than `job_stale_seconds`."""
+        stalled = time.monotonic() - self._progress_at
+        info: dict[str, Any] = {
+            "ok": True,
+            "state": self._state,
+            "job_id": self._job_id,
+            "seconds_since_progress": round(stalled, 1),
+            "store_error": self._store_error,
+        }
+        task = self._task
+        if task is None or task.done():
+            if task is None:
+                why = "it was not started"
+            elif task.cancelled():
+                why = "it was cancelled"
+            elif (exc := task.exception()) is not None:
+                why = f"it crashed: {type(exc).__name__}: {exc}"
+            else:
+                why = "it stopped (server shutdown)"
+            problem = f"fine-tune runner is dead ({why}): queued jobs do not run"
+            return {**info, "ok": False, "state": "dead", "problem": problem}
+        if stalled > self.settings.job_stale_seconds:
+            doing = self._state + (f" (job {self._job_id})" if self._job_id else "")
+            problem = (
+                f"fine-tune runner is wedged: no progress for {stalled:.0f} s (job_stale_seconds"
+                f" {self.settings.job_stale_seconds:g}) while {doing}"
+            )
+            if self._store_error:
+                problem += f"; last store error: {self._store_error}"
+            return {**info, "ok": False, "problem": problem}
+        return info
 
     async def recover(self, *, all_running: bool) -> int:
         """At start: fail jobs left 'running' by a dead runner (all of them for the embedded runner)."""
@@ -178,15 +278,75 @@ class JobRunner:
         return n
 
     async def run_forever(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        failures = 0
         while not stop.is_set():
+            self._state, self._job_id = "idle", None
             try:
                 job_id = await self.store.dequeue_job(timeout=1.0)
-            except Exception:  # noqa: BLE001 - store outage: keep the runner alive and retry
-                log.exception("fine-tune runner: cannot read the queue; retrying")
-                await asyncio.sleep(2)
+            except Exception as e:  # noqa: BLE001 - store outage: keep the runner alive and retry
+                failures += 1
+                await self._store_failed(e, "cannot read the job queue", failures)
                 continue
-            if job_id is not None:
+            self._progress()
+            failures = 0
+            if job_id is None:
+                continue
+            try:
                 await self.run_one(job_id)
+            except Exception as e:  # noqa: BLE001 - a bug, a store error that retrying cannot fix, or shutdown
+                log.exception("fine-tune runner: job %s ended with an unexpected error", job_id)
+                await self._fail_if_active(job_id, f"the fine-tune runner failed on it: {type(e).__name__}: {e}")
+
+    async def _fail_if_active(self, job_id: str, error: str) -> None:
+        """Last resort after an unexpected error: report the job failed rather than leave it active."""
+        try:
+            job = await self.store.get_job(job_id)
+            if job is not None and job["status"] in ACTIVE:
+                await fail_job(self.store, job, error)
+        except Exception:  # noqa: BLE001 - logged; the next job is what matters now
+            log.exception("fine-tune runner: cannot record the failure of job %s", job_id)
+
+    def _progress(self) -> None:
+        self._progress_at = time.monotonic()
+        self._store_error = None
+
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once when the runner is told to stop."""
+        if self._stop is None:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _store_failed(self, e: Exception, what: str, failures: int) -> None:
+        delay = _backoff(failures)
+        self._state = "retrying the store"
+        self._store_error = f"{what}: {type(e).__name__}: {e}"
+        log.warning("fine-tune runner: %s (attempt %d, next in %.1f s): %s", what, failures, delay, e)
+        await self._sleep(delay)
+
+    async def _retry(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """`op()` until the store takes it, with backoff; given up (re-raised) only at shutdown."""
+        failures = 0
+        state = self._state
+        while True:
+            try:
+                result = await op()
+            except StoreUnavailable as e:
+                failures += 1
+                if self._stopping():
+                    raise
+                await self._store_failed(e, what, failures)
+                continue
+            if failures:
+                log.info("fine-tune runner: %s: done after %d failed attempt(s)", what, failures)
+            self._state = state
+            self._progress()
+            return result
 
     def _load(self) -> None:
         if self._model is None:
@@ -196,45 +356,123 @@ class JobRunner:
             self._tokenizer = load_tokenizer(self.model_path)
 
     async def run_one(self, job_id: str) -> dict[str, Any] | None:
-        job = await self.store.get_job(job_id)
+        """Run one dequeued job to its end; the job ends `succeeded` or `failed`, never stuck."""
+        self._job_id = job_id
+        job = await self._retry(f"read job {job_id}", lambda: self.store.get_job(job_id))
         if job is None or job["status"] != "queued":
-            return job  # deleted with its user, or already handled
+            return job  # deleted with its user or withdrawn, or already handled
+        ready = await self._await_profile(job)
+        if ready is None:
+            return await self._retry(f"read job {job_id}", lambda: self.store.get_job(job_id))
+        if not ready:
+            wait = self.settings.job_stale_seconds
+            return await self._finish_failed(
+                job, f"its submission did not finish: add_to_profile was not applied within {wait:g} s"
+            )
         job = {**job, "status": "running", "started_at": _now(), "heartbeat_at": _now()}
-        await self.store.put_job(job_id, job)
+        await self._retry(f"mark job {job_id} running", lambda: self.store.put_job(job_id, dict(job)))
+        self._state = "running"
+        limit = self.settings.job_timeout_seconds
+        deadline = time.monotonic() + limit
+        timed_out = f"timed out: the job ran longer than job_timeout_seconds ({limit:g} s)"
+        abort = _Abort()
 
         def progress(step: int, total: int, loss: float) -> None:  # in the training thread
+            self._progress_at = time.monotonic()
             if self._interrupt.is_set():
                 raise InterruptedError("interrupted by a server shutdown or restart")
+            if time.monotonic() > deadline:
+                abort.set(timed_out)
+            if abort.reason is not None:
+                raise TimeoutError(abort.reason) if abort.reason == timed_out else RuntimeError(abort.reason)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training diverged at step {step}: loss is {loss}")
             job.update(step=step, total_steps=total, progress=round(step / total, 4), loss=loss)
 
-        beating = asyncio.create_task(self._heartbeat(job))
+        beating = asyncio.create_task(self._heartbeat(job, abort))
+        training = asyncio.ensure_future(self._train(job, progress))
+        error: str | None = None
         try:
-            outcome, error = await self._train(job, progress), None
-        except Exception as e:  # noqa: BLE001 - every failure is reported on the job
-            outcome, error = {}, f"{type(e).__name__}: {e}"
+            done, _ = await asyncio.wait({training}, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:  # a phase without training steps (loading, fusing) or a stuck step
+                abort.set(timed_out)
+                error = timed_out
+            elif training.exception() is not None:
+                e = training.exception()
+                error = abort.reason or f"{type(e).__name__}: {e}"
         finally:
             beating.cancel()  # stop the heartbeat's writes before the final one
-            with contextlib.suppress(asyncio.CancelledError):
-                await beating
+            await asyncio.wait({beating})
+        if error is None:
+            outcome, data = training.result()
+            try:  # the result lands, or the job fails with the reason (e.g. Redis out of memory)
+                outcome["stacked_version"] = await self.store.put_blob(job["user_id"], STACKED_BLOB, data)
+            except Exception as e:  # noqa: BLE001
+                error = f"cannot store the stacked LoRA: {type(e).__name__}: {e}"
         if error is not None:
             log.warning("fine-tune %s failed: %s", job_id, error)
-            return await fail_job(self.store, job, error)
+            failed = await self._finish_failed(job, error)
+            if not training.done():  # failed at its deadline; the training stops at its next step
+                self._state = "stopping a timed-out training"
+                await asyncio.wait({training})  # a step that never returns: `health()` says wedged
+                if not training.cancelled():
+                    training.exception()  # retrieved: its error is the timeout already reported
+                log.info("fine-tune %s: the timed-out training stopped", job_id)
+            return failed
         job = {**job, **outcome}
-        await self.store.put_job(job_id, job)
-        await self.store.release_active_job(job["user_id"], job_id)
+        await self._retry(f"record job {job_id}'s result", lambda: self.store.put_job(job_id, job))
+        user_id = job["user_id"]
+        await self._retry(f"free user {user_id}'s job slot", lambda: self.store.release_active_job(user_id, job_id))
         return job
 
-    async def _heartbeat(self, job: dict[str, Any]) -> None:
-        """The one writer of a running job's record: progress and a heartbeat, twice a second."""
+    async def _finish_failed(self, job: dict[str, Any], error: str) -> dict[str, Any]:
+        return await self._retry(f"record job {job['job_id']}'s failure", lambda: fail_job(self.store, job, error))
+
+    async def _await_profile(self, job: dict[str, Any]) -> bool | None:
+        """An add_to_profile job: wait until the submission's profile write shows (True); None if the
+        job was withdrawn meanwhile (the write failed), False if it never showed (the API died)."""
+        before = job.get("awaits_profile_version")
+        if before is None:
+            return True
+        self._state = "waiting for the profile write"
+        deadline = time.monotonic() + self.settings.job_stale_seconds
+        while True:
+            record = await self._retry("read the profile", lambda: self.store.get_user(job["user_id"]))
+            if record is not None and record.profile_version > before:
+                return True
+            current = await self._retry(f"read job {job['job_id']}", lambda: self.store.get_job(job["job_id"]))
+            if current is None or current["status"] != "queued":
+                return None
+            if time.monotonic() > deadline:
+                return False
+            if self._stopping():  # back in the queue for the next start
+                await self.store.enqueue_job(job["job_id"], 2**31)
+                return None
+            await asyncio.sleep(0.05)
+
+    async def _heartbeat(self, job: dict[str, Any], abort: _Abort) -> None:
+        """The one writer of a running job's record: progress and a heartbeat, twice a second.
+
+        A failed write is retried at the next beat. A store lost for `job_stale_seconds` stops the
+        training: by then every reader reports the job failed (`fail_if_stale`)."""
+        last_written = time.monotonic()
         while True:
             await asyncio.sleep(0.5)
             job["heartbeat_at"] = _now()
-            await self.store.put_job(job["job_id"], dict(job))
+            try:
+                await self.store.put_job(job["job_id"], dict(job))
+            except Exception as e:  # noqa: BLE001 - never end the job from here but by `abort`
+                lost = time.monotonic() - last_written
+                self._store_error = f"heartbeat of job {job['job_id']}: {type(e).__name__}: {e}"
+                log.warning("fine-tune %s: heartbeat not written (%.0f s): %s", job["job_id"], lost, e)
+                if lost > self.settings.job_stale_seconds:
+                    abort.set(f"lost the store for {lost:.0f} s (job_stale_seconds): {type(e).__name__}: {e}")
+            else:
+                last_written = time.monotonic()
+                self._store_error = None
 
-    async def _train(self, job: dict[str, Any], progress: Any) -> dict[str, Any]:
-        """Train and store the stacked LoRA; returns the job's final fields (the caller writes them)."""
+    async def _train(self, job: dict[str, Any], progress: Any) -> tuple[dict[str, Any], bytes]:
+        """Train the stacked LoRA; returns the job's final fields and the LoRA's bytes (stored by the caller)."""
         user_id, params = job["user_id"], job["params"]
         if self.follow_bank and job["bank_version"] != self.personalizer.banks.current.version:
             await self.personalizer.banks.load(Path(job["bank_path"]))
@@ -247,20 +485,14 @@ class JobRunner:
         pairs = [tuple(p) for p in job["examples"]]
         rendered = [ctx.served.render({"input": i, "output": o}) for i, o in pairs]
         examples = training_examples(pairs, ctx.history, rendered)
-        config = TrainConfig(
-            rank=params["rank"],
-            alpha=params["rank"],
-            learning_rate=params["learning_rate"],
-            epochs=params["epochs"],
-            batch_size=self.settings.finetune_batch_size,
-            seed=self.settings.finetune_seed,
+        config = stack_config(
+            self.settings, rank=params["rank"], learning_rate=params["learning_rate"], epochs=params["epochs"]
         )
         await asyncio.to_thread(self._load)
         result = await asyncio.to_thread(train_stacked, self._model, self._tokenizer, fused, examples, config, progress)
         data = stacked_to_bytes(
             result.lora, bank_version=ctx.served.version, job_id=job["job_id"], dtype=serving_dtype(self.settings.dtype)
         )
-        version = await self.store.put_blob(user_id, STACKED_BLOB, data)
         return {
             "status": "succeeded",
             "finished_at": _now(),
@@ -270,6 +502,6 @@ class JobRunner:
             "losses": result.losses,
             "seconds": round(result.seconds, 3),
             "bank_version": ctx.served.version,
-            "stacked_version": version,
+            "stacked_version": None,
             "stacked_bytes": len(data),
-        }
+        }, data

@@ -76,11 +76,11 @@ class Personalizer:
         self.banks = banks
         self.cache = cache
         self.metrics = metrics
-        self._ranks: dict[int, int] = {}  # lora_int_id -> rank, for responses
         self._base_needs_zero_adapter = settings.device == "cpu" and not settings.fast_cpu_lora_ops
         self._adapter_dtype = serving_dtype(settings.dtype)
 
-    def _validate_items(self, items: list[dict[str, Any]]) -> None:
+    def validate_items(self, items: list[dict[str, Any]]) -> None:
+        """The profile limits (count, size, some text per item); InvalidInput names the first problem."""
         s = self.settings
         if not items:
             raise InvalidInput("items must contain at least one history item")
@@ -107,19 +107,22 @@ class Personalizer:
         )
 
     async def put_profile(self, user_id: str, items: list[dict[str, Any]]) -> UserContext:
-        self._validate_items(items)
+        self.validate_items(items)
         served = self.banks.current
         history = [served.render(i) for i in items]
         embedding = await asyncio.to_thread(served.embedder.embed_user, history)
         record = await self.store.put_profile(user_id, items, embedding, served.embedding_model)
         return UserContext(user_id, served, record, self._plan(served, record), history)
 
-    async def context(self, user_id: str) -> UserContext:
-        """The user's fusion plan on the current bank; re-embeds a profile from another embedding model."""
+    async def context(self, user_id: str, *, missing_ok: bool = False) -> UserContext:
+        """The user's fusion plan on the current bank; re-embeds a profile from another embedding model.
+
+        A user without a profile is the base model, or NotFound with `MTA_UNKNOWN_USER=404` unless
+        `missing_ok` (a caller that may create the profile itself)."""
         served = self.banks.current
         record = await self.store.get_user(user_id)
         if record is None:
-            if self.settings.unknown_user == "404":
+            if self.settings.unknown_user == "404" and not missing_ok:
                 raise NotFound(f"user {user_id!r} has no profile (PUT /users/{user_id}/profile first)")
             return UserContext(user_id, served, None, None, [])
         history = [served.render(i) for i in record.items]
@@ -145,7 +148,7 @@ class Personalizer:
             # when they share a batch with LoRA requests: serve the base model as a zero adapter.
             bank = ctx.served.bank
 
-            async def build_zero(path: Any) -> None:
+            async def build_zero(path: Any) -> int:
                 await asyncio.to_thread(
                     save_adapter,
                     zero_lora(next(iter(bank.loras.values()))),
@@ -153,6 +156,7 @@ class Personalizer:
                     base_model_name_or_path=bank.manifest.base_model,
                     dtype=self._adapter_dtype,
                 )
+                return 1
 
             async with self.cache.lease(AdapterKey(ctx.served.uid, (), "zero"), build_zero) as (entry, hit):
                 yield AdapterLease(entry.lora_int_id, str(entry.path), 1, hit)
@@ -160,22 +164,20 @@ class Personalizer:
         plan, bank = ctx.plan, ctx.served.bank
         stacked = ctx.stacked if ctx.serves_stacked else None
         max_rank = self.settings.max_lora_rank
-        rank_holder: list[int] = []
 
         def fuse_and_write(path: Any) -> int:
             return materialize(bank, plan, path, max_rank, stacked.lora() if stacked else None, self._adapter_dtype)
 
-        async def build(path: Any) -> None:
+        async def build(path: Any) -> int:  # the rank, kept on the cache entry (evicted with it)
             start = time.perf_counter()
-            rank_holder.append(await asyncio.to_thread(fuse_and_write, path))
+            rank = await asyncio.to_thread(fuse_and_write, path)
             self.metrics.fusion_seconds.observe(time.perf_counter() - start)
+            return rank
 
         key = plan.key(stacked.version if stacked else None)
         async with self.cache.lease(key, build) as (entry, hit):
             (self.metrics.cache_hits if hit else self.metrics.cache_misses).inc()
-            if rank_holder:
-                self._ranks[entry.lora_int_id] = rank_holder[0]
-            yield AdapterLease(entry.lora_int_id, str(entry.path), self._ranks.get(entry.lora_int_id, 0), hit)
+            yield AdapterLease(entry.lora_int_id, str(entry.path), entry.info, hit)
 
     def forget_adapters(self, ctx: UserContext) -> None:
         """Drop cached adapters of this user: the fused one of the current plan and any stacked one."""

@@ -7,6 +7,9 @@ MTA prompts carry the user's BM25 top-1 history item before the instruction:
 
     ### User Instruction:
     <instruction>
+
+Serving cuts the item to a token budget (`truncate_tokens`, MTA_MAX_HISTORY_TOKENS and the room
+the context leaves), so that a long profile item never makes a request too long.
 """
 
 from __future__ import annotations
@@ -51,17 +54,44 @@ def user_content(instruction: str, history_item: str | None) -> str:
     return f"### User History:\n{history_item}\n\n### User Instruction:\n{instruction}"
 
 
-def personalize_messages(
-    messages: list[dict[str, str]], history: Sequence[str]
-) -> list[dict[str, str]]:
-    """Put the BM25 top-1 history item (retrieved with the last user turn) into that turn."""
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-    if last_user is None or not history:
+def last_user_turn(messages: Sequence[Mapping[str, str]]) -> int | None:
+    """Index of the last user message (the instruction a history item is retrieved for), or None."""
+    return max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+
+
+def with_history_item(messages: list[dict[str, str]], history_item: str | None) -> list[dict[str, str]]:
+    """The conversation with `history_item` put into its last user turn (unchanged if None)."""
+    last_user = last_user_turn(messages)
+    if last_user is None or history_item is None:
         return messages
     out = [dict(m) for m in messages]
-    instruction = out[last_user]["content"]
-    out[last_user]["content"] = user_content(instruction, retrieve_top1(history, instruction))
+    out[last_user]["content"] = user_content(out[last_user]["content"], history_item)
     return out
+
+
+def count_tokens(tokenizer: Any, text: str) -> int:
+    # verbose=False: a text longer than the model's context is expected here, not worth a warning.
+    return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def truncate_tokens(tokenizer: Any, text: str, max_tokens: int) -> str:
+    """The longest prefix of `text`, cut at a token boundary, that is at most `max_tokens` tokens."""
+    if max_tokens <= 0:
+        return ""
+    try:  # fast tokenizers: cut the original text at the token's end (no decode round trip)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, KeyError, TypeError):
+        enc, offsets = tokenizer(text, add_special_tokens=False, verbose=False), None
+    ids = enc["input_ids"]
+    if len(ids) <= max_tokens:
+        return text
+    # A character split over two byte-level tokens may re-encode one token longer: cut earlier then.
+    for keep in range(max_tokens, 0, -1):
+        prefix = text[: offsets[keep - 1][1]] if offsets is not None else tokenizer.decode(ids[:keep])
+        if count_tokens(tokenizer, prefix) <= max_tokens:
+            return prefix
+    return ""
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

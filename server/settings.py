@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     embedding_model_path: Path | None = Field(None, description="Override the bank's embedding model location.")
     top_k: int | None = Field(None, ge=1, le=16, description="Anchors fused per user; unset = bank default.")
     fusion_mode: FusionMode | None = Field(None, description="linear | cat; unset = bank default.")
+    residual_scale: float | None = Field(
+        None, ge=0, le=1, description="Factor on the fused residuals of a bank with a shared LoRA; unset = bank default."
+    )
     weight_temperature: float | None = Field(
         None, gt=0, description="Softmax temperature over similarities; unset = similarities normalised to sum 1."
     )
@@ -75,12 +78,17 @@ class Settings(BaseSettings):
     finetune_queue_size: int = Field(16, ge=1, description="Queued fine-tune jobs before 429.")
     finetune_max_examples: int = Field(64, ge=1)
     finetune_max_example_chars: int = Field(8000, ge=1, description="Characters in one example (input + output).")
-    finetune_rank: int = Field(4, ge=1, le=16, description="Default stacked LoRA rank (paper: 4).")
-    finetune_learning_rate: float = Field(5e-5, gt=0, description="Default learning rate (paper: 5e-5).")
-    finetune_epochs: int = Field(1, ge=1, le=20, description="Default epochs (paper: 1).")
+    # The stacked LoRA's defaults, also `mta eval`'s mta_stack (docs/results.md): rank 2 stores 1/4 of a
+    # rank-8 per-user LoRA; the paper's recipe (rank 4, lr 5e-5, 1 epoch) is one optimizer step on 5 examples.
+    finetune_rank: int = Field(2, ge=1, le=16, description="Default stacked LoRA rank (paper: 4).")
+    finetune_learning_rate: float = Field(2e-4, gt=0, description="Default learning rate (paper: 5e-5).")
+    finetune_epochs: int = Field(3, ge=1, le=20, description="Default epochs (paper: 1).")
     finetune_batch_size: int = Field(2, ge=1)
     finetune_seed: int = 0
     job_stale_seconds: float = Field(300, gt=0, description="A running job with no heartbeat for this long failed.")
+    job_timeout_seconds: float = Field(
+        3600, gt=0, description="Wall-clock limit of one fine-tune job from its start; then it fails with that reason."
+    )
 
     # --- API ----------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -92,6 +100,9 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(128, ge=1)
     max_profile_items: int = Field(512, ge=1)
     max_item_chars: int = Field(20_000, ge=1, description="Characters in one profile item (all fields).")
+    max_history_tokens: int = Field(
+        512, ge=1, description="Tokens of the retrieved history item put in a prompt (longer items are truncated)."
+    )
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     log_level: str = "info"
 

@@ -14,6 +14,7 @@ import torch
 
 from server.adapters import LoraWeights, adapter_from_bytes, adapter_metadata, adapter_to_bytes
 from server.prompts import retrieve_top1, user_content
+from server.settings import Settings
 from server.training import Example, TrainConfig, TrainResult, train_lora
 
 STACKED_BLOB = "stacked"
@@ -42,6 +43,26 @@ def stacked_to_bytes(
 ) -> bytes:
     """Stored in the serving dtype (`serving_dtype`): the served adapter is the same, the bytes half."""
     return adapter_to_bytes(lora, extra={"bank_version": bank_version, "job_id": job_id}, dtype=dtype)
+
+
+def stack_config(
+    settings: Settings, *, rank: int | None = None, learning_rate: float | None = None, epochs: int | None = None
+) -> TrainConfig:
+    """The stacked LoRA's recipe: the server's fine-tune defaults (`MTA_FINETUNE_*`), which
+    `mta eval`'s `mta_stack` trains with too; a request may override rank, lr and epochs.
+
+    alpha = 2 x rank, as every other LoRA of the project (docs/results.md: 3 epochs at lr 2e-4
+    move a rank-2 LoRA in 15 steps; the paper's one step at 5e-5 does not move it).
+    """
+    rank = rank or settings.finetune_rank
+    return TrainConfig(
+        rank=rank,
+        alpha=2 * rank,
+        learning_rate=learning_rate or settings.finetune_learning_rate,
+        epochs=epochs or settings.finetune_epochs,
+        batch_size=settings.finetune_batch_size,
+        seed=settings.finetune_seed,
+    )
 
 
 def training_examples(pairs: Sequence[tuple[str, str]], history: Sequence[str], rendered: Sequence[str]) -> list[Example]:

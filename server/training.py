@@ -1,6 +1,6 @@
 """LoRA training on the base model: meta-LoRAs (bank build) and stacked user LoRAs (fine-tuning).
 
-One recipe for both (DESIGN.md section 5; each point was found to matter on LaMP-2M):
+One recipe for both (docs/architecture.md, section 3; each point was found to matter on LaMP-2M):
 
 - Prompts are the user turn of the model's chat template (`server.prompts.chat_prompt`),
   exactly as the server builds them; the target is the answer plus the end-of-turn token.
@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from server.adapters import LoraWeights, lora_from_peft_model
+from server.adapters import LoraWeights, fold_scaling, lora_from_peft_model
 from server.prompts import chat_prompt
 
 ALL_LINEAR: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -53,7 +53,7 @@ _EVAL_BATCH = 8
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of one LoRA training run (defaults: DESIGN.md section 5)."""
+    """Hyper-parameters of one LoRA training run (defaults: docs/architecture.md, section 3)."""
 
     rank: int = 8
     alpha: float = 16
@@ -108,6 +108,10 @@ class TrainResult:
     initial_loss: float | None
     final_loss: float | None
     seconds: float
+    # with a validation set: its mean loss before training, then after each epoch run; the
+    # returned LoRA is the one after epoch `best_epoch` (0: the init, a LoRA with B = 0)
+    validation_losses: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
     steps: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -362,6 +366,46 @@ def mean_loss(
         return _mean_loss(m, encoded, _pad_id(tokenizer, eot), bf16_autocast)
 
 
+def mean_losses(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    jobs: Sequence[tuple[Sequence[Example], LoraWeights]],
+    *,
+    max_length: int = 512,
+    bf16_autocast: bool = True,
+) -> list[float]:
+    """`mean_loss` of each (examples, adapter) job, for many adapters at the cost of one attach.
+
+    One PEFT adapter of the jobs' largest rank is attached once; each job's adapter is copied
+    into it, zero-padded (zero rank rows add nothing), so scoring a grid of fused adapters
+    (the bank builder's fusion-default search) does not rebuild PEFT layers per adapter.
+    """
+    if not jobs:
+        return []
+    eot = end_of_turn_id(tokenizer)
+    adapters = [fold_scaling(adapter) for _, adapter in jobs]
+    rank = max(a.rank for a in adapters)
+    features = {m: (a.a[m].shape[1], a.b[m].shape[0]) for a in adapters for m in a.modules}
+    slot = LoraWeights(
+        a={m: torch.zeros(rank, fan_in) for m, (fan_in, _) in features.items()},
+        b={m: torch.zeros(fan_out, rank) for m, (_, fan_out) in features.items()},
+        scaling=1.0,
+    )
+    out = []
+    with _model_lock(model), _attached(model, adapter=slot) as peft_model:
+        for (examples, _), adapter in zip(jobs, adapters):
+            for m in slot.modules:  # the slot's tensors are the template: reuse them as the padded copy
+                slot.a[m].zero_()
+                slot.b[m].zero_()
+                if m in adapter.a:
+                    slot.a[m][: adapter.rank] = adapter.a[m]
+                    slot.b[m][:, : adapter.rank] = adapter.b[m]
+            _set_weights(peft_model, NEW_ADAPTER, slot)
+            encoded = [_encode(tokenizer, ex, max_length, eot) for ex in examples]
+            out.append(_mean_loss(peft_model, encoded, _pad_id(tokenizer, eot), bf16_autocast))
+    return out
+
+
 # --- training -----------------------------------------------------------------------------
 
 
@@ -385,6 +429,8 @@ def train_lora(
     base_adapter: LoraWeights | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     report_loss: bool = True,
+    validation: Sequence[Example] | None = None,
+    patience: int = 1,
 ) -> TrainResult:
     """Train a new LoRA on `examples` (optionally on top of a frozen `base_adapter`).
 
@@ -392,17 +438,24 @@ def train_lora(
     `report_loss=False` skips the before/after loss evaluation (a forward pass over all
     examples each: a third of the whole call's compute at 2 epochs) for large shared
     trainings whose step losses say enough.
+    With `validation` examples, `config.epochs` is the most epochs trained: the validation
+    loss is measured before training and after every epoch, training stops once it has not
+    improved for `patience` epochs, and the LoRA of the best epoch is returned (the learning
+    rate schedule still spans `config.epochs`, so a run is a prefix of the full one).
     Deterministic for a given config, model and examples. The model is unchanged after.
     """
     if not examples:
         raise ValueError("no training examples")
-    empty = [i for i, ex in enumerate(examples) if not ex.answer.strip()]
+    empty = [i for i, ex in enumerate([*examples, *(validation or ())]) if not ex.answer.strip()]
     if empty:
         raise ValueError(f"examples with an empty answer: {empty[:5]}")
+    if patience < 1:
+        raise ValueError(f"patience must be >= 1, got {patience}")
     started = time.perf_counter()
     eot = end_of_turn_id(tokenizer)
     pad_id = _pad_id(tokenizer, eot)
     encoded = [_encode(tokenizer, ex, config.max_length, eot) for ex in examples]
+    held = [_encode(tokenizer, ex, config.max_length, eot) for ex in validation or ()]
     steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
     total = steps_per_epoch * config.epochs
     warmup = math.ceil(config.warmup_ratio * total)
@@ -410,11 +463,13 @@ def train_lora(
 
     with _model_lock(model), _attached(model, new=config, base_adapter=base_adapter) as peft_model:
         initial = _mean_loss(peft_model, encoded, pad_id, config.bf16_autocast) if report_loss else None
+        curve = [_mean_loss(peft_model, held, pad_id, config.bf16_autocast)] if held else []
+        best, best_epoch = (lora_from_peft_model(peft_model, NEW_ADAPTER), 0) if held else (None, None)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, total, warmup))
         losses: list[float] = []
-        for _ in range(config.epochs):
+        for epoch in range(1, config.epochs + 1):
             indices = list(range(len(encoded)))
             order.shuffle(indices)
             for start in range(0, len(indices), config.batch_size):
@@ -430,8 +485,17 @@ def train_lora(
                 losses.append(float(loss.detach()))
                 if progress is not None:
                     progress(len(losses), total, losses[-1])
+            if held:
+                curve.append(_mean_loss(peft_model, held, pad_id, config.bf16_autocast))
+                if curve[-1] < min(curve[:-1]):
+                    best, best_epoch = lora_from_peft_model(peft_model, NEW_ADAPTER), epoch
+                elif epoch - best_epoch >= patience:
+                    break
+        if best is not None and best_epoch != epoch:
+            _set_weights(peft_model, NEW_ADAPTER, best)  # the final loss is the returned LoRA's
         final = _mean_loss(peft_model, encoded, pad_id, config.bf16_autocast) if report_loss else None
-        lora = lora_from_peft_model(peft_model, NEW_ADAPTER)
+        lora = best if best is not None else lora_from_peft_model(peft_model, NEW_ADAPTER)
     return TrainResult(
-        lora=lora, losses=losses, initial_loss=initial, final_loss=final, seconds=time.perf_counter() - started
-    )
+        lora=lora, losses=losses, initial_loss=initial, final_loss=final, seconds=time.perf_counter() - started,
+        validation_losses=curve, best_epoch=best_epoch,
+    )  # fmt: skip

@@ -31,6 +31,7 @@ class RedisServer:
 
     port: int
     dir: Path
+    args: tuple[str, ...] = ()  # more redis-server options, e.g. ("--maxmemory", "8mb")
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -52,6 +53,7 @@ class RedisServer:
             "--save", "",
             "--appendonly", "no",
             "--dir", str(self.dir),
+            *self.args,
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -91,12 +93,12 @@ class RedisServer:
             client.close()
 
 
-def start_redis_server(tmp_dir: str | Path, attempts: int = 3) -> RedisServer:
+def start_redis_server(tmp_dir: str | Path, attempts: int = 3, args: tuple[str, ...] = ()) -> RedisServer:
     """Start a server on a free loopback port; retries if another process takes the port first."""
     tmp_dir = Path(tmp_dir)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     for attempt in range(attempts):
-        server = RedisServer(port=free_port(), dir=tmp_dir)
+        server = RedisServer(port=free_port(), dir=tmp_dir, args=args)
         try:
             server.start()
             return server

@@ -217,6 +217,33 @@ def test_fuse_with_stacking_is_stack_of_the_fusion(loras: dict, mode: str) -> No
         fuse(mode, anchors, weights, stacked=loras["qv"], max_rank=4)
 
 
+@pytest.mark.parametrize("mode", ["linear", "cat"])
+@pytest.mark.parametrize("scale", [0.0, 0.25, 1.0])
+def test_a_shared_lora_under_scaled_residuals_is_peft_s_sum(peft_model: PeftModel, loras: dict, mode: str, scale: float) -> None:
+    """A `--init task` bank: shared task LoRA + scale x fused residuals + stacked LoRA, one adapter.
+
+    Scale 0 is the shared LoRA (plus the stacked one) exactly: the residuals add no rank.
+    """
+    shared, user = loras["z"], loras["qv"]  # an rsLoRA as the shared LoRA: its scaling is folded too
+    got = fuse(mode, [loras["x"], loras["y"]], [0.6, 0.4], stacked=user, shared=shared, residual_scale=scale, max_rank=32)
+    residual_rank = (4 if mode == "linear" else 8) if scale else 0
+    assert got.rank == shared.rank + residual_rank + user.rank
+    d = {name: peft_deltas(peft_model, name) for name in ("x", "y", "z", "qv")}
+    linear = fuse_linear([loras["x"], loras["y"]], [0.6, 0.4])  # its own cross terms: checked against PEFT above
+    for m in d["z"]:
+        fused = linear.delta(m) if mode == "linear" else 0.6 * d["x"][m] + 0.4 * d["y"][m]
+        expected = d["z"][m] + scale * fused + d["qv"].get(m, 0)
+        torch.testing.assert_close(got.delta(m), expected, **TOL)
+    alone = fuse(mode, [loras["x"], loras["y"]], [0.6, 0.4], shared=shared, residual_scale=0.0)
+    assert alone.rank == shared.rank
+    with pytest.raises(FusionError, match="residual_scale 0 without a shared LoRA"):
+        fuse(mode, [loras["x"]], [1.0], residual_scale=0.0)
+    with pytest.raises(FusionError, match=r"residual_scale must be in \[0, 1\]"):
+        fuse(mode, [loras["x"]], [1.0], shared=shared, residual_scale=1.5)
+    with pytest.raises(FusionError, match="exceeds max_rank"):
+        fuse(mode, [loras["x"], loras["y"]], [0.6, 0.4], shared=shared, residual_scale=scale or 1.0, max_rank=8)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_written_safetensors_read_back_exactly(loras: dict, tmp_path, dtype: torch.dtype) -> None:
     lora = fuse_cat([loras["x"], loras["qv"]], [0.6, 0.4])

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from server.adapters import fuse
 from server.bank.build import (
+    SHARED_LORA_DIR,
     TASKS,
     BankBuildError,
     BuildConfig,
@@ -18,7 +21,9 @@ from server.bank.build import (
     choose_anchors,
     leave_one_out_examples,
     load_users,
+    heldout_examples,
     make_task,
+    split_items,
     split_users,
 )
 from server.bank.loader import load_bank
@@ -71,14 +76,18 @@ def lamp_file(tmp_path_factory, lamp_users) -> Path:
 CONFIG = BuildConfig(task=TASK, n_anchors=3, train=TRAIN, holdout_fraction=0.25)
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, lamp_file, tiny_model_dir, embedder):
-    root = tmp_path_factory.mktemp("built")
+def build_kept(root: Path, lamp_file: Path, config: BuildConfig, tiny_model_dir: Path, embedder):
+    """A bank built into root/bank, its work directory kept in root/work."""
     report = build_bank(
-        lamp_file, root / "bank", CONFIG, model_dir=tiny_model_dir, work_dir=root / "work", keep_work=True,
+        lamp_file, root / "bank", config, model_dir=tiny_model_dir, work_dir=root / "work", keep_work=True,
         embedder=embedder, progress=False,
     )  # fmt: skip
     return report, root
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, lamp_file, tiny_model_dir, embedder):
+    return build_kept(tmp_path_factory.mktemp("built"), lamp_file, CONFIG, tiny_model_dir, embedder)
 
 
 def test_the_bank_loads_and_records_its_build(built, tiny_model_dir, tiny_model_config, lamp_users, embedder):
@@ -185,7 +194,7 @@ def test_same_seed_gives_an_identical_bank_and_resume_skips_trained_anchors(buil
     work = root / "work-resume"
     shutil.copytree(root / "work", work)
     lost = report.manifest.anchors[1].id
-    (work / "records" / f"{lost}.json").unlink()
+    (work / "records" / f"loras__{lost}.json").unlink()
     resumed = build_bank(
         lamp_file, root / "resumed", CONFIG, model_dir=tiny_model_dir, work_dir=work, embedder=embedder, progress=False
     )
@@ -291,3 +300,123 @@ def test_the_real_server_serves_the_built_bank(built, tiny_model_dir, tmp_path, 
     assert len(body["anchors"]) == 2 and {a["id"] for a in body["anchors"]} <= anchors
     assert body["adapter"]["rank"] == 4 and body["bank_version"] == report.manifest.bank_version
     assert body["token_ids"]
+
+
+# --- warm-started banks: residual meta-LoRAs over a shared task LoRA, validation, fusion choice ---
+
+TASK_CONFIG = BuildConfig(
+    task=TASK, n_anchors=3, train=TRAIN, holdout_fraction=0.25, meta_data="cluster", init="task",
+    task_train=TrainConfig(rank=4, alpha=8, learning_rate=1e-2, epochs=2, max_length=256), validation_items=1,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def built_task(tmp_path_factory, lamp_file, tiny_model_dir, embedder):
+    return build_kept(tmp_path_factory.mktemp("built-task"), lamp_file, TASK_CONFIG, tiny_model_dir, embedder)
+
+
+def _load(path: Path, tiny_model_dir: Path, **kw):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    return load_bank(path, model_id=tiny_model_dir.name, model_config=config, embedding_dim=384, max_lora_rank=16, **kw)
+
+
+def test_a_task_init_bank_stores_the_shared_lora_once_and_records_its_recipe(built_task, tiny_model_dir):
+    report, _ = built_task
+    m = report.manifest
+    assert m.shared_lora is not None and m.shared_lora.lora_path == SHARED_LORA_DIR and m.shared_lora.rank == 4
+    assert (report.path / SHARED_LORA_DIR / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (report.path / "loras").iterdir()) == sorted(a.id for a in m.anchors)
+    training = m.extra["training"]
+    assert training["init"] == "task" and training["shared"]["config"]["epochs"] == 2
+    assert "residual over a rank-4 task LoRA" in m.description
+    bank = _load(report.path, tiny_model_dir)
+    assert bank.shared is not None and bank.shared.rank == 4
+    assert report.trained == ["shared", *(a.id for a in m.anchors)]
+
+
+def test_validation_items_come_only_from_the_anchor_pool_and_are_never_trained_on(built_task, lamp_users):
+    report, _ = built_task
+    extra = report.manifest.extra
+    pool = {str(u) for u in extra["split"]["anchor_pool"]}
+    held_out = {str(u) for u in extra["split"]["held_out"]}
+    validated = set(extra["validation"]["users"])
+    assert validated and validated <= pool and not validated & held_out
+    by_id = {str(u["user_id"]): u for u in lamp_users}
+    assert validated == {uid for uid in pool if len(by_id[uid]["profile"]) >= 3}  # users keep >= 2 training items
+    # the shared LoRA trained on the training items only: one leave-one-out example per training item
+    shared = extra["training"]["shared"]
+    assert shared["validation_examples"] == len(validated)
+    train_items = sum(len(by_id[uid]["profile"]) - (uid in validated) for uid in pool)
+    assert shared["examples"] == train_items == sum(r["examples"] for r in extra["anchors"].values())
+    user = User(1, tuple(by_id[next(iter(validated))]["profile"]))
+    kept, items = split_items(user, 1)
+    assert kept.profile == user.profile[:-1] and items == user.profile[-1:]
+    (example,) = heldout_examples(kept, items, TASK)
+    assert render_item(items[0], TASK.history_template) not in example.prompt and example.answer == items[0]["tag"]
+
+
+def test_every_meta_lora_starts_from_the_task_lora_and_keeps_its_best_epoch(built_task, tiny_model_dir, lamp_users):
+    """A residual's validation curve starts at the shared LoRA's own loss (residual B = 0)."""
+    report, root = built_task
+    bank = _load(report.path, tiny_model_dir)
+    model, tok = load_base_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    by_id = {u["user_id"]: u for u in lamp_users}
+    for anchor in report.manifest.anchors:
+        record = report.manifest.extra["anchors"][anchor.id]
+        curve, best = record["validation_losses"], record["best_epoch"]
+        assert 2 <= len(curve) <= TRAIN.epochs + 1 and curve[best] == min(curve)
+        assert len(curve) == TRAIN.epochs + 1 or len(curve) - 1 - best >= TASK_CONFIG.patience  # stopped early
+        held = [
+            ex
+            for uid in record["members"]
+            for ex in heldout_examples(*split_items(User(uid, tuple(by_id[uid]["profile"])), 1), TASK)
+        ]
+        if not held:
+            continue
+        shared_alone = mean_loss(model, tok, held, adapter=bank.shared, max_length=256, bf16_autocast=True)
+        assert curve[0] == pytest.approx(shared_alone, abs=2e-3)
+        # the stored residual is the best epoch's (stored in bf16: a small rounding)
+        kept = mean_loss(model, tok, held, adapter=bank.loras[anchor.id], base_adapter=bank.shared, max_length=256,
+                         bf16_autocast=True)  # fmt: skip
+        assert kept == pytest.approx(curve[best], abs=0.05)
+        # a meta-LoRA of the bank at residual scale 0 is the task LoRA exactly
+        alone = fuse("linear", [bank.loras[anchor.id]], [1.0], shared=bank.shared, residual_scale=0.0)
+        for m in bank.shared.modules:
+            assert torch.equal(alone.delta(m), bank.shared.delta(m))
+
+
+def test_the_fusion_defaults_are_chosen_on_the_anchor_pool_and_recorded(built_task, tiny_model_dir):
+    report, _ = built_task
+    m = report.manifest
+    selection = m.extra["fusion_selection"]
+    grid = selection["grid"]
+    assert selection["users"] == len(m.extra["validation"]["users"])
+    assert {(r["mode"], r["top_k"]) for r in grid} == {("linear", 1), ("linear", 2), ("cat", 2)}  # 3 anchors: 2 others
+    assert sorted({r["residual_scale"] for r in grid}) == [0.0, 0.25, 0.5, 1.0]
+    eligible = [r for r in grid if r["served_rank"] <= TASK_CONFIG.max_fused_rank]
+    best = min(eligible, key=lambda r: r["validation_loss"])
+    chosen = {k: best[k] for k in ("mode", "top_k", "residual_scale")}
+    assert selection["chosen"] == chosen == m.fusion.model_dump()
+    served = _load(report.path, tiny_model_dir)
+    assert served.residual_scale == chosen["residual_scale"]
+    assert _load(report.path, tiny_model_dir, residual_scale=0.5).residual_scale == 0.5  # the server's override
+
+
+def test_the_real_server_serves_a_task_init_bank(built_task, tiny_model_dir, tmp_path, lamp_users):
+    report, _ = built_task
+    user = next(u for u in lamp_users if u["user_id"] == report.manifest.extra["split"]["held_out"][0])
+    env = server_env(tmp_path, tiny_model_dir, report.path, MTA_RESIDUAL_SCALE="0.5", MTA_FUSION_MODE="linear")
+    proc = ServerProcess(tmp_path, env).start()
+    try:
+        with proc.client() as c:
+            assert c.put(f"/users/{user['user_id']}/profile", json={"items": user["profile"]}).status_code == 200
+            r = c.post(
+                "/generate",
+                json={"user_id": str(user["user_id"]), "prompt": user["query"][0]["input"], "max_tokens": 8},
+            )
+            assert r.status_code == 200, r.text
+            body = r.json()
+    finally:
+        proc.stop()
+    assert body["personalized"] is True and body["bank_version"] == report.manifest.bank_version
+    assert body["adapter"]["rank"] == 4 + 4  # the shared task LoRA + the linear-fused residuals

@@ -178,13 +178,15 @@ def test_mta_methods_without_a_bank_are_a_clear_error(tmp_path, lamp_file, tiny_
 
 @pytest.fixture(scope="module")
 def built_bank(tmp_path_factory, lamp_file, tiny_model_dir, embedder, one_torch_thread) -> Path:
-    """A bank built by `mta bank build`'s code on the 4 users: 2 anchor-pool users, 2 held out, 1 anchor."""
+    """A bank built by `mta bank build`'s code on the 4 users: 2 anchor-pool users, 2 held out, 1 anchor,
+    a residual over a shared task LoRA, with one validation item per pool user."""
     from server.bank.build import BuildConfig, build_bank
     from server.training import TrainConfig
 
+    train = TrainConfig(rank=4, alpha=8, epochs=1, max_length=256, target_modules=("q_proj", "v_proj"))
     config = BuildConfig(
         task=TASKS["movie_tagging"], n_anchors=1, holdout_fraction=0.5, dtype="bf16", meta_data="cluster",
-        train=TrainConfig(rank=4, alpha=8, epochs=1, max_length=256, target_modules=("q_proj", "v_proj")),
+        train=train, init="task", task_train=train, validation_items=1,
     )  # fmt: skip
     out = tmp_path_factory.mktemp("built") / "bank"
     return build_bank(lamp_file, out, config, model_dir=tiny_model_dir, embedder=embedder, progress=False).path
@@ -217,6 +219,8 @@ def test_two_folds_evaluate_every_user_once_with_both_banks(tmp_path, lamp_file,
     assert read_manifest_json(bank2)["extra"]["split"]["anchor_pool"] == sorted(split["held_out"])
     recorded = build_config_from_manifest(read_manifest_json(bank2), bank2, holdout_fraction=0.0)
     assert recorded == fold2_build_config(built_bank)  # the given bank's settings (cluster data, bf16, rank 4, ...)
+    assert (recorded.init, recorded.validation_items, recorded.task_train.rank) == ("task", 1, 4)  # the warm start too
+    assert read_manifest_json(bank2)["shared_lora"]["lora_path"] == "shared"
     # task_lora is trained per fold, on that fold's anchor pool.
     assert (out / "work" / "task_lora" / "_shared").is_dir() and (out / "work" / "fold2" / "task_lora" / "_shared").is_dir()
     # The format: one merged table (intervals over all users) plus per-fold scores, and timings.

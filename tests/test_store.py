@@ -489,6 +489,29 @@ async def test_delete_user_removes_jobs_slot_and_queued_ids(store: UserStore) ->
     assert await store.claim_active_job("ghost", "ft-next") is None
 
 
+async def test_delete_job_removes_its_record_queued_ids_and_slot_only(store: UserStore) -> None:
+    """What a refused fine-tune submission uses to leave nothing behind."""
+    for i in range(3):
+        await store.put_job(f"ft-{i}", job(f"ft-{i}"))
+        assert await store.enqueue_job(f"ft-{i}", 10)
+    assert await store.claim_active_job(USER, "ft-0") is None
+    assert await store.claim_active_job("bystander", "ft-9") is None
+
+    assert await store.delete_job("ft-0") is True
+    assert await store.get_job("ft-0") is None
+    assert [j["job_id"] for j in await store.list_jobs(user_id=USER)] == ["ft-1", "ft-2"]
+    assert await store.claim_active_job(USER, "ft-1") is None  # ft-0's slot was freed
+    assert await store.delete_job("ft-2") is True
+    assert await store.claim_active_job(USER, "ft-3") == "ft-1"  # another job's slot stays
+    assert await store.claim_active_job("bystander", "ft-x") == "ft-9"
+    assert await drain(store) == ["ft-1"]
+    assert await store.delete_job("ft-0") is False  # gone already
+    assert await store.enqueue_job("ft-unknown", 10)
+    assert await store.delete_job("ft-unknown") is False and await store.queued_count() == 0  # its id too
+    with pytest.raises(ValueError):
+        await store.delete_job("")
+
+
 async def test_jobs_survive_restart(reopen: StoreOpener) -> None:
     first = reopen()
     records = [job("ft-1", USER, "running", step=2), job("ft-2", "bystander")]

@@ -239,8 +239,10 @@ def check_fusion_plan(
     mode: str,
     max_rank: int | None = None,
     stacked: LoraWeights | None = None,
+    shared: LoraWeights | None = None,
+    residual_scale: float = 1.0,
 ) -> int:
-    """Validate a fusion (plus optional stacking) before combining anything.
+    """Validate a fusion (plus optional shared and stacked LoRAs) before combining anything.
 
     Returns the rank of the resulting adapter; raises one FusionError naming all
     problems, so a bad plan never silently yields a wrong adapter.
@@ -250,8 +252,13 @@ def check_fusion_plan(
         problems.append(f"unknown fusion mode {mode!r} (known: {sorted(FUSERS)})")
     elif loras and mode == "linear":
         problems += _linear_problems(loras)
-    problems += _shape_problems([*loras, stacked] if stacked else loras)
-    rank = _planned_rank(loras, mode) + (stacked.rank if stacked else 0)
+    if not (math.isfinite(residual_scale) and 0 <= residual_scale <= 1):
+        problems.append(f"residual_scale must be in [0, 1], got {residual_scale}")
+    elif residual_scale == 0 and shared is None:
+        problems.append("residual_scale 0 without a shared LoRA leaves nothing to serve")
+    problems += _shape_problems([lora for lora in (shared, *loras, stacked) if lora is not None])
+    fused = _planned_rank(loras, mode) if residual_scale > 0 else 0
+    rank = fused + sum(lora.rank for lora in (shared, stacked) if lora is not None)
     if max_rank is not None and rank > max_rank:
         problems.append(f"resulting rank {rank} exceeds max_rank {max_rank}")
     if problems:
@@ -467,19 +474,31 @@ def fuse(
     stacked: LoraWeights | None = None,
     max_rank: int | None = None,
     dtype: torch.dtype = torch.float32,
+    shared: LoraWeights | None = None,
+    residual_scale: float = 1.0,
 ) -> LoraWeights:
-    """Fuse `loras` by the named mode (a key of FUSERS), with a stacked LoRA on top if given.
+    """Fuse `loras` by the named mode (a key of FUSERS), between an optional shared LoRA under
+    them and an optional stacked LoRA on top, as one adapter.
 
-    The server's per-user path: the plan is checked once, and `cat` plus stacking is one
-    concatenation. Same result as `stack(FUSERS[mode](loras, weights), stacked)`, computed in
-    float32 and rounded once to `dtype` (the serving dtype the adapter is written in).
+    The server's per-user path: the plan is checked once, and everything past the fusion is
+    one concatenation along the rank axis. `shared` is a bank's task LoRA when its anchors are
+    residuals over it (`--init task`); `residual_scale` scales the fused residuals' delta
+    (0 drops them: the shared LoRA alone). Computed in float32 and rounded once to `dtype`
+    (the serving dtype the adapter is written in).
+
+    Semantics: B @ A = shared.delta + residual_scale * FUSERS[mode](loras, weights).delta
+    + stacked.delta
     """
-    check_fusion_plan(loras, weights, mode, max_rank, stacked=stacked)
-    if mode == "linear":
-        fused = _linear_sum(loras, weights, dtype if stacked is None else torch.float32)
-        if stacked is None:
+    check_fusion_plan(loras, weights, mode, max_rank, stacked=stacked, shared=shared, residual_scale=residual_scale)
+    alone = shared is None and stacked is None and residual_scale == 1.0
+    parts: list[tuple[LoraWeights, float]] = [(shared, 1.0)] if shared is not None else []
+    if residual_scale > 0 and mode == "linear":
+        fused = _linear_sum(loras, weights, dtype if alone else torch.float32)
+        if alone:
             return fused
-        loras, weights = [fused], [1.0]
+        parts.append((fused, residual_scale))
+    elif residual_scale > 0:
+        parts += [(lora, w * residual_scale) for lora, w in zip(loras, weights)]
     if stacked is not None:
-        loras, weights = [*loras, stacked], [*weights, 1.0]
-    return _in_dtype(_concat_rank(loras, weights), dtype)
+        parts.append((stacked, 1.0))
+    return _in_dtype(_concat_rank([p for p, _ in parts], [w for _, w in parts]), dtype)

@@ -49,7 +49,8 @@ async def build_services(settings: Settings) -> tuple[Services, JobRunner | None
     generator = Generator(settings, engine, personalizer, tokenizer, metrics)
     jobs = JobService(settings, store, personalizer)
     runner = JobRunner(settings, store, personalizer, model_path) if settings.finetune_runner == "inprocess" else None
-    return Services(settings, store, banks, cache, engine, personalizer, generator, jobs, metrics), runner
+    services = Services(settings, store, banks, cache, engine, personalizer, generator, jobs, metrics, runner)
+    return services, runner
 
 
 class StreamedBodyLimit:
@@ -94,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if runner is not None:  # embedded default: fine-tunes run in this process
             if failed := await runner.recover(all_running=True):
                 log.warning("%d fine-tune job(s) interrupted by the last shutdown were marked failed", failed)
-            runner_task = asyncio.create_task(runner.run_forever(stop), name="finetune-runner")
+            runner_task = runner.start(stop)
         log.info("ready: model %s, bank %s", services.engine.model_id, services.banks.current.version)
         try:
             yield

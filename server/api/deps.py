@@ -13,7 +13,7 @@ from server.bank.registry import BankRegistry
 from server.engine import Engine
 from server.errors import Forbidden, Unauthorized
 from server.generation import Generator
-from server.jobs import JobService
+from server.jobs import JobRunner, JobService
 from server.metrics import Metrics
 from server.personalize import Personalizer
 from server.settings import Settings
@@ -31,6 +31,7 @@ class Services:
     generator: Generator
     jobs: JobService
     metrics: Metrics
+    runner: JobRunner | None = None  # the embedded fine-tune runner (None: `mta worker`s run the jobs)
 
 
 def get_services(request: Request) -> Services:

@@ -1,6 +1,6 @@
 """Build a meta-LoRA bank offline (MTA stage 1) from a LaMP-format user file.
 
-Steps (DESIGN.md section 1):
+Steps (docs/architecture.md, section 1):
 
 1. Read and validate the users (`[{"user_id", "profile": [items], "query": [...]}, ...]`).
 2. Split them deterministically into the **anchor pool** and **held-out users**: users are
@@ -16,9 +16,14 @@ Steps (DESIGN.md section 1):
    the BM25 top-1 OTHER history item (`server.prompts`, as serving does), and whose answer
    is the item's answer field. `meta_data="cluster"` trains on the histories of all the
    cluster's members instead of the anchor's alone (for data where every user is sparse).
-   Every meta-LoRA starts from one shared init (`TrainConfig.seed`, recorded as the
-   manifest's `lora_init_seed`), so `linear` fusion averages comparable factors.
-6. Write the bank (manifest.json, anchor_embeddings.npy, loras/<anchor>/) into a
+   `init="zero"` (the paper's): every meta-LoRA from one shared init (`TrainConfig.seed`,
+   recorded as the manifest's `lora_init_seed`), so `linear` fusion averages comparable
+   factors. `init="task"`: first one task LoRA on the whole anchor pool, then every meta-LoRA
+   as a residual over it (frozen); the task LoRA is stored once (`shared_lora`).
+   With `validation_items`, each pool user's last items are held out of all training: every
+   training stops on their loss (best epoch kept), and the fusion defaults are chosen on
+   them (`server.bank.selection`). The manifest records the recipe, curves and choice.
+6. Write the bank (manifest.json, anchor_embeddings.npy, loras/<anchor>/, shared/) into a
    temporary directory beside `out` and rename it into place.
 
 Resumable: each trained meta-LoRA is kept in a work directory with a fingerprint of
@@ -57,6 +62,7 @@ from server.bank.manifest import (
     BankManifest,
     EmbeddingSpec,
     FusionDefaults,
+    SharedLoraSpec,
     TaskSpec,
 )
 from server.embedding import DEFAULT_EMBEDDING_MODEL
@@ -66,6 +72,8 @@ from server.training import Example, TrainConfig
 log = logging.getLogger(__name__)
 
 MetaData = Literal["anchor", "cluster"]
+Init = Literal["zero", "task"]
+SHARED_LORA_DIR = "shared"  # the bank directory of a `--init task` bank's shared task LoRA
 _ANCHOR_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 
 
@@ -270,6 +278,27 @@ def anchor_id(user_id: int | str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', text)[:80]}-{digest}"
 
 
+def split_items(user: User, n_validation: int) -> tuple[User, tuple[dict[str, Any], ...]]:
+    """(the user with its training items, its validation items): the last `n_validation` items.
+
+    A user keeps at least two training items (one leave-one-out example needs another item
+    as context); a shorter history gives no validation items.
+    """
+    if n_validation <= 0 or len(user.profile) < n_validation + 2:
+        return user, ()
+    return User(user.user_id, user.profile[:-n_validation]), user.profile[-n_validation:]
+
+
+def heldout_examples(user: User, items: Sequence[Mapping[str, Any]], task: Task) -> list[Example]:
+    """`items` as examples whose prompt carries the BM25 top-1 of `user`'s items: how an unseen item is served."""
+    history = [task.render(item) for item in user.profile]
+    examples = []
+    for item in items:
+        instruction = task.instruction(item)
+        examples.append(Example(prompt=user_content(instruction, retrieve_top1(history, instruction)), answer=task.answer(item)))
+    return examples
+
+
 def leave_one_out_examples(user: User, task: Task) -> list[Example]:
     """One example per history item: its instruction, with the BM25 top-1 OTHER item as context."""
     history = [task.render(item) for item in user.profile]
@@ -359,10 +388,28 @@ class BuildConfig:
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
     fusion: FusionDefaults = field(default_factory=FusionDefaults)
     name: str | None = None  # default: the task name
+    # "task": first train one LoRA on the whole anchor pool (`task_train`), then every meta-LoRA
+    # as a residual over it (stored once, served under the fused residuals); "zero": the
+    # paper's recipe, every meta-LoRA from scratch from one shared A init.
+    init: Init = "zero"
+    task_train: TrainConfig = field(default_factory=TrainConfig)
+    # The last N history items of every anchor-pool user are held out of all training: the
+    # validation set that stops each training (`patience` epochs without improvement; `epochs`
+    # is then the most) and on which the fusion defaults are chosen (`select_fusion`).
+    validation_items: int = 0
+    patience: int = 1
+    select_fusion: bool = True
+    max_fused_rank: int = 14  # the chosen fusion's served rank (shared LoRA included) leaves room to stack
 
     def __post_init__(self) -> None:
         if self.meta_data not in ("anchor", "cluster"):
             raise BankBuildError(f"meta-data must be 'anchor' or 'cluster', got {self.meta_data!r}")
+        if self.init not in ("zero", "task"):
+            raise BankBuildError(f"init must be 'zero' or 'task', got {self.init!r}")
+        if self.validation_items < 0 or self.patience < 1:
+            raise BankBuildError(
+                f"validation items must be >= 0 and patience >= 1, got {self.validation_items} and {self.patience}"
+            )
         if self.dtype not in ("bf16", "fp32"):
             raise BankBuildError(f"dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
         if self.n_anchors < 1:
@@ -429,10 +476,8 @@ def build_bank(
     `config.embedding_model`. The work directory (default `.<out>.build` beside `out`)
     keeps trained meta-LoRAs for resuming; it is removed after success unless `keep_work`.
     """
-    from tqdm.auto import tqdm
-
     from server.embedding import Embedder, resolve_embedding_model
-    from server.training import load_base_model, load_tokenizer, train_lora
+    from server.training import load_base_model, load_tokenizer
 
     started = time.perf_counter()
     data, out, model_dir = Path(data), Path(out).resolve(), Path(model_dir).resolve()
@@ -459,63 +504,136 @@ def build_bank(
 
     model = load_base_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    model_fp = _model_fingerprint(model_dir, model_id)
-    (work / "loras").mkdir(parents=True, exist_ok=True)
-    (work / "records").mkdir(parents=True, exist_ok=True)
+    trainer = _CachedTrainer(work, model, tokenizer, _model_fingerprint(model_dir, model_id), model_id, progress)
+    splits = {u.user_id: split_items(u, config.validation_items) for u in pool}
+    validation = {u.user_id: heldout_examples(*splits[u.user_id], task) for u in pool}
+
+    shared, shared_record = None, None
+    if config.init == "task":
+        examples = [ex for u in pool for ex in leave_one_out_examples(splits[u.user_id][0], task)]
+        held = [ex for u in pool for ex in validation[u.user_id]]
+        shared, shared_record = trainer.train(SHARED_LORA_DIR, "shared task LoRA", examples, held, config.task_train, config.patience)
+
     records: dict[str, dict[str, Any]] = {}
-    trained, skipped, train_seconds = [], [], {}
     for n, cluster in enumerate(clusters, 1):
         sources = cluster.members if config.meta_data == "cluster" else (cluster.anchor,)
-        examples = [ex for member in sources for ex in leave_one_out_examples(member, task)]
-        fingerprint = _digest(
-            {
-                "model": model_fp,
-                "train": dataclasses.asdict(train),
-                "examples": [dataclasses.astuple(e) for e in examples],
-            }
-        )
-        record_file = work / "records" / f"{cluster.id}.json"
-        lora_dir = work / "loras" / cluster.id
-        previous = json.loads(record_file.read_text()) if record_file.is_file() else None
-        if previous and previous.get("fingerprint") == fingerprint and (lora_dir / "adapter_config.json").is_file():
-            records[cluster.id] = previous["record"]
-            skipped.append(cluster.id)
-            log.info("anchor %s: already trained in %s, skipped", cluster.id, work)
-            continue
-        steps = math.ceil(len(examples) / train.batch_size) * train.epochs
-        desc = f"anchor {n}/{len(clusters)} {cluster.id} ({len(examples)} examples)"
-        with tqdm(total=steps, desc=desc, unit="step", disable=not progress) as bar:
-            bar.set_postfix_str("initial loss...")
-
-            def step(done: int, total: int, loss: float, bar=bar) -> None:
-                bar.update(1)
-                bar.set_postfix_str(f"loss={loss:.3f}" + (", final loss..." if done == total else ""))
-
-            result = train_lora(model, tokenizer, examples, train, progress=step)
-            bar.set_postfix(loss=f"{result.initial_loss:.3f}->{result.final_loss:.3f}")
-        save_adapter(result.lora, lora_dir, base_model_name_or_path=model_id)  # float32 in the work dir
-        record = {
+        examples = [ex for member in sources for ex in leave_one_out_examples(splits[member.user_id][0], task)]
+        held = [ex for member in sources for ex in validation[member.user_id]]
+        _, record = trainer.train(
+            f"loras/{cluster.id}", f"anchor {n}/{len(clusters)} {cluster.id}", examples, held, train, config.patience,
+            base=(shared, shared_record),
+        )  # fmt: skip
+        records[cluster.id] = {
             "user_id": cluster.anchor.user_id,
             "history_items": len(cluster.anchor.profile),
             "members": [u.user_id for u in cluster.members],
-            "examples": len(examples),
-            "steps": result.steps,
-            "initial_loss": round(result.initial_loss, 4),
-            "final_loss": round(result.final_loss, 4),
+            **record,
         }
-        _write_json_atomic(record_file, {"fingerprint": fingerprint, "record": record})
-        records[cluster.id] = record
-        trained.append(cluster.id)
-        train_seconds[cluster.id] = result.seconds
+
+    fusion, selection = config.fusion, None
+    if config.select_fusion and config.validation_items > 0 and len(clusters) > 1:
+        from server.bank.selection import choose_fusion
+
+        cluster_of = {u.user_id: c.id for c in clusters for u in c.members}
+        selection = choose_fusion(
+            embedder, model, tokenizer, task,
+            users=[(splits[u.user_id][0], validation[u.user_id], cluster_of[u.user_id]) for u in pool],
+            anchors={c.id: (c.embedding, load_adapter(work / "loras" / c.id)) for c in clusters},
+            shared=shared, base=config.fusion, max_fused_rank=config.max_fused_rank,
+            max_length=train.max_length, progress=progress,
+        )  # fmt: skip
+        fusion = FusionDefaults(**selection["chosen"])
 
     manifest = _manifest(
         config, data=data, users=users, pool=pool, held_out=held_out, clusters=clusters, records=records,
-        model_id=model_id, embedding_dim=int(embeddings.shape[1]),
+        model_id=model_id, embedding_dim=int(embeddings.shape[1]), fusion=fusion, selection=selection,
+        shared_record=shared_record, splits=splits,
     )  # fmt: skip
     _write_bank(out, manifest, clusters, work, model_id, config.dtype)
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
-    return BuildReport(out, manifest, trained, skipped, time.perf_counter() - started, train_seconds)
+    return BuildReport(out, manifest, trainer.trained, trainer.skipped, time.perf_counter() - started, trainer.seconds)
+
+
+class _CachedTrainer:
+    """Trains the bank's LoRAs into the work directory, reusing one whose inputs have not changed.
+
+    Each LoRA is kept with a fingerprint of everything it depends on (the model, the training
+    config, the examples, the validation set and the LoRA under it), so a rerun resumes.
+    """
+
+    def __init__(self, work: Path, model: Any, tokenizer: Any, model_fp: dict[str, Any], model_id: str, progress: bool):
+        self.work, self.model, self.tokenizer = work, model, tokenizer
+        self.model_fp, self.model_id, self.progress = model_fp, model_id, progress
+        self.trained: list[str] = []
+        self.skipped: list[str] = []
+        self.seconds: dict[str, float] = {}
+
+    def train(
+        self,
+        name: str,
+        desc: str,
+        examples: Sequence[Example],
+        validation: Sequence[Example],
+        train: TrainConfig,
+        patience: int,
+        base: tuple[Any, dict[str, Any] | None] = (None, None),
+    ) -> tuple[Any, dict[str, Any]]:
+        """(the LoRA, its record for the manifest): trained now, or reused from the work directory."""
+        from tqdm.auto import tqdm
+
+        from server.training import train_lora
+
+        base_lora, base_record = base
+        fingerprint = _digest(
+            {
+                "model": self.model_fp,
+                "train": dataclasses.asdict(train),
+                "examples": [dataclasses.astuple(e) for e in examples],
+                "validation": [dataclasses.astuple(e) for e in validation],
+                "patience": patience if validation else None,
+                "base": base_record["fingerprint"] if base_record else None,
+            }
+        )
+        record_file = self.work / "records" / f"{name.replace('/', '__')}.json"
+        lora_dir = self.work / name
+        label = name.rsplit("/", 1)[-1]
+        previous = json.loads(record_file.read_text()) if record_file.is_file() else None
+        if previous and previous.get("fingerprint") == fingerprint and (lora_dir / "adapter_config.json").is_file():
+            log.info("%s: already trained in %s, skipped", desc, self.work)
+            self.skipped.append(label)
+            return load_adapter(lora_dir), previous["record"]
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+        steps = math.ceil(len(examples) / train.batch_size) * train.epochs
+        with tqdm(total=steps, desc=f"{desc} ({len(examples)} examples)", unit="step", disable=not self.progress) as bar:
+
+            def step(done: int, total: int, loss: float) -> None:
+                bar.update(1)
+                bar.set_postfix_str(f"loss={loss:.3f}")
+
+            result = train_lora(
+                self.model, self.tokenizer, examples, train, base_adapter=base_lora, progress=step,
+                report_loss=not validation, validation=validation or None, patience=patience,
+            )  # fmt: skip
+            if validation:
+                bar.set_postfix_str(f"validation loss by epoch {[round(v, 3) for v in result.validation_losses]}")
+        save_adapter(result.lora, lora_dir, base_model_name_or_path=self.model_id)  # float32 in the work dir
+        record = {
+            "examples": len(examples),
+            "validation_examples": len(validation),
+            "steps": result.steps,
+            "step_losses": [round(x, 4) for x in result.losses],
+            **(
+                {"validation_losses": [round(v, 4) for v in result.validation_losses], "best_epoch": result.best_epoch}
+                if validation
+                else {"initial_loss": round(result.initial_loss, 4), "final_loss": round(result.final_loss, 4)}
+            ),
+            "fingerprint": fingerprint,
+        }
+        _write_json_atomic(record_file, {"fingerprint": fingerprint, "record": record})
+        self.trained.append(label)
+        self.seconds[label] = result.seconds
+        return result.lora, record
 
 
 def _manifest(
@@ -529,6 +647,10 @@ def _manifest(
     records: dict[str, dict[str, Any]],
     model_id: str,
     embedding_dim: int,
+    fusion: FusionDefaults,
+    selection: dict[str, Any] | None,
+    shared_record: dict[str, Any] | None,
+    splits: Mapping[Any, tuple[User, tuple[dict[str, Any], ...]]],
 ) -> BankManifest:
     task, train = config.task, config.train
     settings = {
@@ -542,26 +664,43 @@ def _manifest(
         "dtype": config.dtype,
         "fusion": config.fusion.model_dump(),
         "name": config.bank_name,
+        "init": config.init,
+        "task_train": dataclasses.asdict(config.task_train) if config.init == "task" else None,
+        "validation_items": config.validation_items,
+        "patience": config.patience,
+        "select_fusion": config.select_fusion,
+        "max_fused_rank": config.max_fused_rank,
     }
     data_info = {"file": data.name, "sha256": _sha256_file(data), "users": len(users)}
     version = _digest(
         {"data": data_info["sha256"], "settings": settings, "model": model_id, "emb": config.embedding_model}
     )
     targets = sorted(train.target_modules)
+    shared = None
+    if config.init == "task":
+        shared = SharedLoraSpec(
+            rank=config.task_train.rank, target_modules=sorted(config.task_train.target_modules), lora_path=SHARED_LORA_DIR
+        )
     return BankManifest(
         bank_version=f"{config.bank_name}-{version[:12]}",
         name=config.bank_name,
         description=(
             f"Meta-LoRAs trained on {data.name} ({task.name}): {len(clusters)} anchors from {len(pool)} anchor-pool "
             f"users, rank {train.rank} on {','.join(targets)}, each trained on "
-            + ("its anchor's history." if config.meta_data == "anchor" else "the histories of its cluster's members.")
+            + ("its anchor's history" if config.meta_data == "anchor" else "the histories of its cluster's members")
+            + (
+                f", as a residual over a rank-{config.task_train.rank} task LoRA trained on the whole anchor pool."
+                if config.init == "task"
+                else ", from scratch."
+            )
         ),
         random=False,
         base_model=model_id,
         embedding_model=EmbeddingSpec(name=config.embedding_model, dim=embedding_dim),
-        fusion=config.fusion,
+        fusion=fusion,
         task=TaskSpec(name=task.name, history_template=task.history_template),
         lora_init_seed=train.seed,
+        shared_lora=shared,
         anchors=[
             AnchorSpec(
                 id=c.id, cluster_size=len(c.members), rank=train.rank, target_modules=targets, lora_path=f"loras/{c.id}"
@@ -591,6 +730,28 @@ def _manifest(
                 "answer_field": task.answer_field,
                 "config": {**dataclasses.asdict(train), "target_modules": list(train.target_modules)},
                 "adapter_dtype": config.dtype,
+                "init": config.init,
+                "shared": (
+                    {
+                        "config": {**dataclasses.asdict(config.task_train), "target_modules": list(config.task_train.target_modules)},
+                        "examples_from": "leave-one-out over the training items of every anchor-pool user",
+                        **(shared_record or {}),
+                    }
+                    if config.init == "task"
+                    else None
+                ),
+            },
+            "validation": {
+                "items_per_user": config.validation_items,
+                "method": "each anchor-pool user's last N history items, held out of every training (users keep >= 2)",
+                "patience": config.patience,
+                "users": {str(uid): len(items) for uid, (_, items) in splits.items() if items},
+            },
+            "fusion_selection": {
+                "enabled": config.select_fusion,
+                "requested": config.fusion.model_dump(),
+                "max_fused_rank": config.max_fused_rank,
+                **(selection or {}),
             },
             "anchors": {c.id: records[c.id] for c in clusters},
         },
@@ -607,10 +768,10 @@ def _write_bank(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)
-        for c in clusters:
-            lora = load_adapter(work / "loras" / c.id)
-            torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-            save_adapter(lora, tmp / "loras" / c.id, base_model_name_or_path=model_id, dtype=torch_dtype)
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        dirs = [f"loras/{c.id}" for c in clusters] + ([manifest.shared_lora.lora_path] if manifest.shared_lora else [])
+        for name in dirs:
+            save_adapter(load_adapter(work / name), tmp / name, base_model_name_or_path=model_id, dtype=torch_dtype)
         np.save(tmp / EMBEDDINGS_FILE, np.stack([c.embedding for c in clusters]).astype(np.float32))
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
         for path in tmp.rglob("*"):  # a shipped bank is readable by a server run as another user

@@ -32,6 +32,8 @@ class Bank:
     manifest: BankManifest
     loras: dict[str, LoraWeights]  # anchor id -> meta-LoRA (scaling not folded)
     index: AnchorIndex
+    shared: LoraWeights | None = None  # the LoRA under every anchor's residual (manifest.shared_lora)
+    residual_scale: float = 1.0  # the fused residuals' factor: the server's override or the bank default
 
     @property
     def version(self) -> str:
@@ -47,7 +49,8 @@ class Bank:
             "path": str(self.path),
             "base_model": m.base_model,
             "embedding_model": m.embedding_model.model_dump(),
-            "fusion": m.fusion.model_dump(),
+            "fusion": {**m.fusion.model_dump(), "residual_scale": self.residual_scale},
+            "shared_lora": m.shared_lora.model_dump(include={"rank", "target_modules"}) if m.shared_lora else None,
             "task": m.task.model_dump(),
             "anchors": [a.model_dump(include={"id", "cluster_size", "rank"}) for a in m.anchors],
         }
@@ -74,23 +77,23 @@ def module_shapes(model_config: dict[str, Any]) -> dict[str, tuple[int, int]]:
     }
 
 
-def _check_lora_shapes(anchor_id: str, lora: LoraWeights, model_config: dict[str, Any]) -> list[str]:
+def _check_lora_shapes(label: str, lora: LoraWeights, model_config: dict[str, Any]) -> list[str]:
     shapes = module_shapes(model_config)
     n_layers = model_config["num_hidden_layers"]
     problems = []
     for name in lora.modules:
         m = _LAYER_MODULE.match(name)
         if not m or m.group(3) not in shapes:
-            problems.append(f"anchor {anchor_id}: module {name} is not a LoRA target of this model")
+            problems.append(f"{label}: module {name} is not a LoRA target of this model")
             continue
         if int(m.group(1)) >= n_layers:
-            problems.append(f"anchor {anchor_id}: {name} names layer {m.group(1)}, the model has {n_layers}")
+            problems.append(f"{label}: {name} names layer {m.group(1)}, the model has {n_layers}")
             continue
         fan_in, fan_out = shapes[m.group(3)]
         a, b = lora.a[name], lora.b[name]
         if a.shape[1] != fan_in or b.shape[0] != fan_out:
             problems.append(
-                f"anchor {anchor_id}: {name} maps {a.shape[1]}->{b.shape[0]}, the model's maps {fan_in}->{fan_out}"
+                f"{label}: {name} maps {a.shape[1]}->{b.shape[0]}, the model's maps {fan_in}->{fan_out}"
             )
     return problems
 
@@ -110,10 +113,12 @@ def flatten_anchors(loras: dict[str, LoraWeights]) -> dict[str, LoraWeights]:
     return flat
 
 
-def fused_rank(ranks: list[int], mode: str, top_k: int) -> int:
-    """Largest rank a fused adapter can have: linear keeps the anchors' rank, cat adds the top-k ranks."""
+def fused_rank(ranks: list[int], mode: str, top_k: int, shared_rank: int = 0, residual_scale: float = 1.0) -> int:
+    """Largest rank a fused adapter can have: linear keeps the anchors' rank, cat adds the top-k ranks;
+    a shared LoRA adds its rank, and residual_scale 0 drops the anchors'."""
     ranks = sorted(ranks, reverse=True)
-    return ranks[0] if mode == "linear" else sum(ranks[:top_k])
+    anchors = (ranks[0] if mode == "linear" else sum(ranks[:top_k])) if residual_scale > 0 else 0
+    return shared_rank + anchors
 
 
 def read_manifest(path: Path) -> BankManifest:
@@ -140,11 +145,13 @@ def load_bank(
     max_lora_rank: int,
     fusion_mode: str | None = None,
     top_k: int | None = None,
+    residual_scale: float | None = None,
 ) -> Bank:
     """Read and validate a bank for the served model; raise BankError naming every problem.
 
-    `fusion_mode`/`top_k` are the server's overrides of the bank defaults: the ranks must fit
-    vLLM's `max_lora_rank` after fusion (cat adds ranks, linear keeps one) plus no stacking.
+    `fusion_mode`/`top_k`/`residual_scale` are the server's overrides of the bank defaults: the
+    ranks must fit vLLM's `max_lora_rank` after fusion (cat adds ranks, linear keeps one, a
+    shared LoRA adds its own) plus no stacking.
     """
     path = Path(path).resolve()
     manifest = read_manifest(path)
@@ -186,9 +193,23 @@ def load_bank(
             problems.append(
                 f"anchor {spec.id}: adapter targets {lora.target_modules} != manifest {sorted(spec.target_modules)}"
             )
-        problems += _check_lora_shapes(spec.id, lora, model_config)
+        problems += _check_lora_shapes(f"anchor {spec.id}", lora, model_config)
         loras[spec.id] = lora
 
+    shared = None
+    if (spec := manifest.shared_lora) is not None:
+        try:
+            shared = load_adapter(path / spec.lora_path)
+        except (AdapterFormatError, OSError) as e:
+            problems.append(f"shared LoRA: {e}")
+        else:
+            if shared.rank != spec.rank:
+                problems.append(f"shared LoRA: adapter rank {shared.rank} != manifest rank {spec.rank}")
+            problems += _check_lora_shapes("shared LoRA", shared, model_config)
+
+    scale = manifest.fusion.residual_scale if residual_scale is None else residual_scale
+    if scale == 0 and manifest.shared_lora is None:
+        problems.append("residual_scale 0 needs a bank with a shared LoRA (it would serve nothing)")
     mode = fusion_mode or manifest.fusion.mode
     k = min(top_k or manifest.fusion.top_k, len(manifest.anchors))
     ranks = [a.rank for a in manifest.anchors]
@@ -197,7 +218,8 @@ def load_bank(
             problems.append(f"linear fusion needs one rank for all anchors, the bank has ranks {sorted(set(ranks))}")
         if len({tuple(sorted(a.target_modules)) for a in manifest.anchors}) > 1:
             problems.append("linear fusion needs the same target modules for all anchors")
-    if (rank := fused_rank(ranks, mode, k)) > max_lora_rank:
+    shared_rank = manifest.shared_lora.rank if manifest.shared_lora else 0
+    if (rank := fused_rank(ranks, mode, k, shared_rank, scale)) > max_lora_rank:
         problems.append(
             f"{mode} fusion of top-{k} anchors gives rank {rank} > max_lora_rank {max_lora_rank}"
             " (raise MTA_MAX_LORA_RANK or lower MTA_TOP_K)"
@@ -211,4 +233,6 @@ def load_bank(
         manifest=manifest,
         loras=flatten_anchors(loras),
         index=AnchorIndex([a.id for a in manifest.anchors], embeddings),
+        shared=shared,
+        residual_scale=scale,
     )

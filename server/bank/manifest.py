@@ -23,6 +23,12 @@ class EmbeddingSpec(_Strict):
 class FusionDefaults(_Strict):
     mode: FusionMode = "linear"
     top_k: int = Field(2, ge=1, le=16)
+    residual_scale: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Factor on the fused anchors' delta (banks with a shared LoRA: 0 serves the shared LoRA alone).",
+    )
 
 
 class TaskSpec(_Strict):
@@ -32,9 +38,7 @@ class TaskSpec(_Strict):
     history_template: str | None = Field(None, description="e.g. 'Description: {description} Tag: {tag}'")
 
 
-class AnchorSpec(_Strict):
-    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
-    cluster_size: int = Field(ge=1)
+class _LoraDir(_Strict):
     rank: int = Field(ge=1)
     target_modules: list[str] = Field(min_length=1)
     lora_path: str = Field(min_length=1, description="PEFT adapter directory, relative to the bank.")
@@ -45,6 +49,19 @@ class AnchorSpec(_Strict):
         if v.startswith("/") or ".." in v.split("/"):
             raise ValueError(f"lora_path must stay inside the bank directory, got {v!r}")
         return v
+
+
+class AnchorSpec(_LoraDir):
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+    cluster_size: int = Field(ge=1)
+
+
+class SharedLoraSpec(_LoraDir):
+    """A LoRA every anchor's meta-LoRA is a residual over (banks built with `--init task`).
+
+    Stored once: the served adapter is this LoRA plus `residual_scale` times the fused
+    residuals, concatenated along the rank axis (`server.adapters.fuse`).
+    """
 
 
 class BankManifest(_Strict):
@@ -60,6 +77,9 @@ class BankManifest(_Strict):
     lora_init_seed: int | None = None
     embeddings_file: str = EMBEDDINGS_FILE
     anchors: list[AnchorSpec] = Field(min_length=1)
+    shared_lora: SharedLoraSpec | None = Field(
+        None, description="Set when every anchor's LoRA is a residual over this shared (task) LoRA."
+    )
     extra: dict = Field(default_factory=dict, description="Free-form build metadata (split, data, training).")
 
     @field_validator("format_version")

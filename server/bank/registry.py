@@ -32,7 +32,9 @@ class ServedBank:
 
     @property
     def fused_rank(self) -> int:
-        return fused_rank([a.rank for a in self.bank.manifest.anchors], self.mode, self.top_k)
+        m = self.bank.manifest
+        shared = m.shared_lora.rank if m.shared_lora else 0
+        return fused_rank([a.rank for a in m.anchors], self.mode, self.top_k, shared, self.bank.residual_scale)
 
     @property
     def embedding_model(self) -> str:
@@ -84,6 +86,7 @@ class BankRegistry:
             max_lora_rank=s.max_lora_rank,
             fusion_mode=s.fusion_mode,
             top_k=s.top_k,
+            residual_scale=s.residual_scale,
         )
         return ServedBank(
             bank=bank,

@@ -69,28 +69,39 @@ def build_config_from_manifest(manifest: dict[str, Any], bank: Path | str, *, ho
     def get(path: str) -> Any:
         return _setting(manifest, path, bank)
 
-    recorded_train = get("extra.training.config")
-    missing = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in recorded_train]
-    if missing:
-        raise _not_recorded(f"extra.training.config.{missing[0]}", bank)
+    def train_config(path: str) -> TrainConfig:
+        recorded = get(path)
+        missing = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in recorded]
+        if missing:
+            raise _not_recorded(f"{path}.{missing[0]}", bank)
+        return TrainConfig(**{f.name: recorded[f.name] for f in dataclasses.fields(TrainConfig)})
+
+    train = train_config("extra.training.config")
     task = Task(
         name=get("task.name"),
         history_template=get("task.history_template"),
         prompt_template=get("extra.training.prompt_template"),
         answer_field=get("extra.training.answer_field"),
     )
+    init = get("extra.training.init")
     return BuildConfig(
         task=task,
         n_anchors=get("extra.clustering.k"),
-        train=TrainConfig(**{f.name: recorded_train[f.name] for f in dataclasses.fields(TrainConfig)}),
+        train=train,
         meta_data=get("extra.training.meta_data"),
         holdout_fraction=holdout_fraction,
         kmeans_seed=get("extra.clustering.seed"),
         kmeans_restarts=get("extra.clustering.restarts"),
         dtype=get("extra.training.adapter_dtype"),
         embedding_model=get("embedding_model.name"),
-        fusion=FusionDefaults(**get("fusion")),
+        fusion=FusionDefaults(**get("extra.fusion_selection.requested")),  # what was asked for, not what was chosen
         name=get("name"),
+        init=init,
+        task_train=train_config("extra.training.shared.config") if init == "task" else TrainConfig(),
+        validation_items=get("extra.validation.items_per_user"),
+        patience=get("extra.validation.patience"),
+        select_fusion=get("extra.fusion_selection.enabled"),
+        max_fused_rank=get("extra.fusion_selection.max_fused_rank"),
     )
 
 

@@ -20,6 +20,7 @@ class Method:
     bank: bool = False  # needs the meta-LoRA bank
     fusion_mode: str | None = None  # None: the bank's default
     top_k: int | None = None  # None: the bank's default
+    residual_scale: float | None = None  # None: the bank's default (banks with a shared task LoRA)
 
 
 METHODS: dict[str, Method] = {
@@ -32,13 +33,17 @@ METHODS: dict[str, Method] = {
         Method("mta_fuse", "fused meta-LoRAs (bank defaults: top-k, mode)", bank=True),
         Method("mta_fuse_cat", "fused meta-LoRAs, `cat` fusion", bank=True, fusion_mode="cat"),
         Method("mta_fuse_top1", "the nearest anchor's meta-LoRA alone", bank=True, top_k=1),
+        Method("mta_fuse_full", "fused meta-LoRAs at residual scale 1 (no shrinkage towards the task LoRA)", bank=True, residual_scale=1.0),
         Method("mta_stack", "fused meta-LoRAs + stacked LoRA trained on the few-shot set", bank=True),
         Method("majority", "the user's most frequent few-shot label (no model)", model=False),
         Method("copy_retrieved", "the label of the BM25 top-1 few-shot item (no model)", model=False),
     )
 }
 CLASSIFICATION_ONLY = {"majority", "copy_retrieved"}
-DEFAULT_METHODS = ("base", "rag", "task_lora", "oppu", "mta_fuse", "mta_fuse_cat", "mta_stack", "majority", "copy_retrieved")
+DEFAULT_METHODS = (
+    "base", "rag", "task_lora", "oppu", "mta_fuse", "mta_fuse_cat", "mta_fuse_full", "mta_stack", "majority",
+    "copy_retrieved",
+)  # fmt: skip
 
 
 def parse_methods(text: str, *, classification: bool) -> list[Method]:

@@ -38,13 +38,14 @@ from server.evaluation.methods import Method
 from server.evaluation.metrics import METRICS, MetricKind, bootstrap_ci, normalize_label, score
 from server.evaluation.protocol import EvalUser, eval_users, load_task_users
 from server.settings import ALLOWED_MAX_LORA_RANKS, Settings
+from server.stacking import stack_config
 from server.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
 TASK_KIND: dict[str, MetricKind] = {"movie_tagging": "classification", "news_headline": "generation"}
 TASK_LABELS: dict[str, tuple[str, ...]] = {"movie_tagging": tuple(t.strip() for t in LAMP2M_TAGS.split(","))}
-MAX_NEW_TOKENS: dict[str, int] = {"movie_tagging": 10, "news_headline": 50}  # DESIGN.md section 1
+MAX_NEW_TOKENS: dict[str, int] = {"movie_tagging": 10, "news_headline": 50}  # the paper's (docs/architecture.md)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class EvalConfig:
     dtype: str = "bfloat16"  # vLLM's
     task_train: TrainConfig = field(default_factory=TrainConfig)
     oppu_train: TrainConfig = field(default_factory=lambda: TrainConfig(rank=8, alpha=16, epochs=3, batch_size=2))
-    stack_train: TrainConfig = field(default_factory=lambda: TrainConfig(rank=4, alpha=8, epochs=3, batch_size=2))
+    stack_train: TrainConfig = field(default_factory=lambda: stack_config(Settings.model_construct()))  # the server's
     resamples: int = 1000
     seed: int = 0
     folds: int = 1  # 2: also swap anchor pool and held-out users (a second bank), to evaluate every user
@@ -173,9 +174,10 @@ class AdapterBuilder:
     def served_bank(self, method: Method) -> Any:
         from server.bank.registry import BankRegistry
 
-        key = (method.fusion_mode, method.top_k)
+        key = (method.fusion_mode, method.top_k, method.residual_scale)
         if key not in self._banks:
-            settings = self.settings.model_copy(update={"fusion_mode": method.fusion_mode, "top_k": method.top_k, "max_lora_rank": max(ALLOWED_MAX_LORA_RANKS)})
+            overrides = {"fusion_mode": method.fusion_mode, "top_k": method.top_k, "residual_scale": method.residual_scale}
+            settings = self.settings.model_copy(update={**overrides, "max_lora_rank": max(ALLOWED_MAX_LORA_RANKS)})
             config = json.loads((self.cfg.model_dir / "config.json").read_text())
             self._banks[key] = BankRegistry(settings, self.cfg.model_id, config).open(self.cfg.bank)
         return self._banks[key]
@@ -221,7 +223,10 @@ class AdapterBuilder:
                 return stack(task_lora, result.lora), len(adapter_to_bytes(result.lora)), self._train_info(result)
 
             return self._cached("oppu", uid, fp, make_oppu)
-        bank_fp = {"bank": str(cfg.bank), "version": self.bank_version, "mode": method.fusion_mode, "k": method.top_k}
+        bank_fp = {
+            "bank": str(cfg.bank), "version": self.bank_version, "mode": method.fusion_mode, "k": method.top_k,
+            "scale": method.residual_scale,
+        }  # fmt: skip
         if method.name == "mta_stack":
             fp = _digest({**bank_fp, "train": dataclasses.asdict(cfg.stack_train), "ex": [dataclasses.astuple(e) for e in examples], "few": user.few_shot})
 

@@ -37,7 +37,8 @@ class StoreError(Exception):
 
 
 class StoreUnavailable(StoreError):
-    """The backend cannot be reached or is busy right now; the API answers 503."""
+    """The backend cannot be reached, is busy, or refuses the operation for a reason an operator
+    must fix (e.g. Redis out of memory under `maxmemory`); the API answers 503 with the reason."""
 
 
 class UserNotFound(StoreError):
@@ -109,6 +110,11 @@ class UserStore(Protocol):
         ...
 
     async def get_job(self, job_id: str) -> dict[str, Any] | None: ...
+
+    async def delete_job(self, job_id: str) -> bool:
+        """Remove a job everywhere, atomically: its record, its queued ids, and the user's active-job
+        slot if this job holds it. False if there was no record (the rest is removed anyway)."""
+        ...
 
     async def list_jobs(
         self, statuses: Collection[str] | None = None, user_id: str | None = None

@@ -27,6 +27,7 @@ whose read is cancelled, so the server drops the pending BLPOP with it).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -38,7 +39,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .base import (
@@ -111,6 +112,17 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('DEL', KEYS[1])
 """
 
+# KEYS: job hash, all-jobs zset, user-jobs zset, active-job key, queue list. ARGV: job_id.
+# Returns 1 if the record existed.
+_DELETE_JOB = """
+local existed = redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+redis.call('LREM', KEYS[5], 0, ARGV[1])
+return existed
+"""
+
 # KEYS: queue list. ARGV: job_id, max_queued.
 _ENQUEUE_JOB = """
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
@@ -141,6 +153,7 @@ class RedisUserStore:
         self._claim_active_job = self._redis.register_script(_CLAIM_ACTIVE_JOB)
         self._release_active_job = self._redis.register_script(_RELEASE_ACTIVE_JOB)
         self._enqueue_job = self._redis.register_script(_ENQUEUE_JOB)
+        self._delete_job = self._redis.register_script(_DELETE_JOB)
 
     def __repr__(self) -> str:
         return f"RedisUserStore({self._where})"
@@ -261,6 +274,25 @@ class RedisUserStore:
         with self._errors():
             data = await self._client().hget(self._job_key(job_id), "data")
         return None if data is None else decode_job(data)
+
+    async def delete_job(self, job_id: str) -> bool:
+        check_job_id(job_id)
+        client = self._client()
+        with self._errors():
+            # A job never changes user (`put_job`), so its user read first names the right keys.
+            user_id = await client.hget(self._job_key(job_id), "user_id")
+            if user_id is None:
+                await client.lrem(self._queue_key, 0, job_id)
+                return False
+            keys = [
+                self._job_key(job_id),
+                self._jobs_key,
+                self._user_jobs_key(user_id.decode()),
+                self._active_job_key(user_id.decode()),
+                self._queue_key,
+            ]
+            deleted = await self._delete_job(keys=keys, args=[job_id], client=client)
+        return deleted == 1
 
     async def list_jobs(
         self, statuses: Collection[str] | None = None, user_id: str | None = None
@@ -401,13 +433,45 @@ class RedisUserStore:
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
-        """Connection problems become `StoreUnavailable` (503); other Redis errors `StoreError`."""
+        """Every Redis error becomes `StoreUnavailable` (503). Connection problems are an outage; an
+        error the server answers (out of memory under `maxmemory`, a read-only replica, a failed
+        snapshot, a busy script, a key of the wrong type) is a state of the deployment that the
+        request cannot fix and an operator must, so it is reported the same way, with the reason."""
         try:
             yield
         except (RedisConnectionError, RedisTimeoutError) as e:
             raise StoreUnavailable(f"{self._where} is unavailable: {type(e).__name__}: {e}") from e
         except RedisError as e:
-            raise StoreError(f"{self._where}: {type(e).__name__}: {e}") from e
+            raise StoreUnavailable(f"{self._where} is unavailable: {_explain(e)}") from e
+
+
+# Redis error replies (their first word) that an operator must act on, and what they mean.
+_REFUSALS = {
+    "OOM": "Redis is out of memory (used memory > maxmemory and the eviction policy frees nothing):"
+    " it refuses writes until memory is freed or maxmemory is raised",
+    "READONLY": "Redis is a read-only replica: writes need the primary",
+    "MISCONF": "Redis cannot save its snapshot and refuses writes (see the Redis log)",
+    "BUSY": "Redis is busy running a script",
+    "MASTERDOWN": "the Redis replica lost its primary",
+    "NOREPLICAS": "Redis has not enough replicas to accept writes",
+    "CLUSTERDOWN": "the Redis cluster is down",
+    "TRYAGAIN": "Redis asks to try again (resharding)",
+}
+
+_REFUSAL = re.compile(rf"(?:^|[\s:-])({'|'.join(_REFUSALS)}) ")
+# redis-py strips the codes it has a class for (OOM, READONLY, ...) from the message.
+_CODE_OF_CLASS = {OutOfMemoryError: "OOM", ReadOnlyError: "READONLY"}
+
+
+def _explain(e: RedisError) -> str:
+    """A clear reason first, then Redis's own words."""
+    text = str(e)
+    code = next((c for cls, c in _CODE_OF_CLASS.items() if isinstance(e, cls)), None)
+    if code is None and (m := _REFUSAL.search(text)) is not None:
+        code = m.group(1)
+    if code is None:
+        return f"Redis refused the command ({type(e).__name__}: {text})"
+    return f"{_REFUSALS[code]} (Redis replied {code}: {text.removeprefix(code + ' ')})"
 
 
 def _connect(url: str, connect_timeout: float, *, socket_timeout: float | None) -> aioredis.Redis:

@@ -247,6 +247,16 @@ class SQLiteUserStore:
         row = await self._run(lambda conn: conn.execute("SELECT data FROM jobs WHERE job_id = ?", (job_id,)).fetchone())
         return decode_job(row[0]) if row else None
 
+    async def delete_job(self, job_id: str) -> bool:
+        check_job_id(job_id)
+
+        def delete(conn: sqlite3.Connection) -> bool:
+            conn.execute("DELETE FROM job_queue WHERE job_id = ?", (job_id,))
+            conn.execute("DELETE FROM active_jobs WHERE job_id = ?", (job_id,))
+            return conn.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,)).rowcount == 1
+
+        return await self._run(delete, transaction=True)
+
     async def list_jobs(
         self, statuses: Collection[str] | None = None, user_id: str | None = None
     ) -> list[dict[str, Any]]:

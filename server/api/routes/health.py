@@ -18,7 +18,8 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(services: ServicesDep):
-    """Ready only when the engine runs, a bank is loaded and the store answers."""
+    """Ready only when the engine runs, a bank is loaded, the store answers and the embedded
+    fine-tune runner (if any) is alive and not wedged."""
     problems = []
     if not services.engine.ready:
         problems.append("engine not running")
@@ -28,9 +29,17 @@ async def readyz(services: ServicesDep):
         await services.store.ping()
     except StoreUnavailable as e:
         problems.append(str(e))
+    runner = {"mode": "worker"} if services.runner is None else {"mode": "inprocess", **services.runner.health()}
+    if not runner.get("ok", True):
+        problems.append(runner["problem"])
     if problems:
         return error_response(503, "not_ready", "; ".join(problems))
-    return {"status": "ready", "bank_version": services.banks.current.version, "model": services.engine.model_id}
+    return {
+        "status": "ready",
+        "bank_version": services.banks.current.version,
+        "model": services.engine.model_id,
+        "finetune_runner": runner,
+    }
 
 
 @router.get("/metrics")
