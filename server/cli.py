@@ -141,6 +141,39 @@ def cmd_bank_build(args: argparse.Namespace) -> None:
     if "chosen" in extra.get("fusion_selection", {}):
         print(f"fusion defaults chosen on the anchor pool: {extra['fusion_selection']['chosen']}")
     print(f"trained {len(report.trained)}, reused {len(report.skipped)} LoRAs in {report.seconds:.0f} s")
+    if args.report is not None:  # beside the bank, never inside it (the bank directory is served and shipped)
+        out = Path(args.report) if args.report else report.path.with_name(f"{report.path.name}.report.png")
+        _bank_report(report.path, out, args.data, "mta bank build", f"(the bank {report.path} is written)")
+
+
+def _bank_report(bank: Path, out: Path, data: Path | None, command: str, context: str = "", stream=None) -> None:
+    from server.bank.loader import BankError
+    from server.bank.report import write_report
+
+    try:
+        path, notes = write_report(bank, out, data=data)
+    except (BankError, ValueError, OSError) as e:
+        sys.exit(f"{command}: report not written" + (f" {context}" if context else "") + f": {e}")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"report written to {path}", file=stream or sys.stdout)
+
+
+def cmd_bank_show(args: argparse.Namespace) -> None:
+    import json
+
+    from server.bank.loader import BankError
+    from server.bank.report import describe_bank, format_bank
+
+    if args.data is not None and args.report is None:
+        sys.exit("mta bank show: --data is for the users panel of --report OUT.png")
+    try:
+        info = describe_bank(args.bank)
+    except BankError as e:
+        sys.exit(f"mta bank show: {e}")
+    print(json.dumps(info, indent=2) if args.json else format_bank(info))
+    if args.report is not None:
+        _bank_report(args.bank, args.report, args.data, "mta bank show", stream=sys.stderr if args.json else None)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -286,7 +319,21 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--work-dir", type=Path, help="trained meta-LoRAs for resuming (default: .<out>.build)")
     build.add_argument("--keep-work", action="store_true", help="keep the work directory after success")
     build.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is faster on a busy machine)")
+    build.add_argument("--report", nargs="?", const="", metavar="PNG",
+                       help="also draw the bank (users and anchors in 2-D, loss curves) into PNG "
+                       "(default: <out>.report.png, beside the bank)")
     build.set_defaults(func=cmd_bank_build)
+    show = bank.add_parser(
+        "show",
+        help="what a bank holds: anchors, recipe, training curves, fusion defaults, split",
+        description="Print a bank's manifest as aligned text (--json: the machine form); facts the manifest "
+        "does not hold are 'not recorded'. --report draws the bank into a PNG.",
+    )
+    show.add_argument("bank", type=Path, help="bank directory")
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
+    show.add_argument("--report", type=Path, metavar="PNG", help="also draw the bank into this PNG")
+    show.add_argument("--data", type=Path, help="the LaMP file the bank was built from: draw its anchor-pool users")
+    show.set_defaults(func=cmd_bank_show)
 
     from server.evaluation.methods import DEFAULT_METHODS
 
