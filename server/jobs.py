@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from server.adapters import serving_dtype
 from server.errors import Conflict, InvalidInput, NotFound, TooManyRequests
+from server.metrics import JobMetrics
 from server.personalize import Personalizer
 from server.settings import Settings
 from server.stacking import STACKED_BLOB, stack_config, stacked_to_bytes, train_stacked, training_examples
@@ -63,6 +64,8 @@ class JobService:
         self.settings = settings
         self.store = store
         self.personalizer = personalizer
+        self.metrics = JobMetrics(personalizer.metrics)
+        self.metrics.watch_queue(store, settings.finetune_queue_size)
 
     def _validate(self, pairs: list[tuple[str, str]]) -> None:
         s = self.settings
@@ -147,6 +150,7 @@ class JobService:
             except BaseException:
                 await self._withdraw(job_id)
                 raise
+        self.metrics.submitted()
         return public_view(job)
 
     async def _withdraw(self, job_id: str) -> None:
@@ -160,7 +164,10 @@ class JobService:
         job = await self.store.get_job(job_id)
         if job is None:
             raise NotFound(f"job {job_id!r} not found")
-        return public_view(await fail_if_stale(self.store, job, self.settings.job_stale_seconds))
+        checked = await fail_if_stale(self.store, job, self.settings.job_stale_seconds)
+        if checked["status"] != job["status"]:  # its runner died: failed now
+            self.metrics.interrupted(job_id)
+        return public_view(checked)
 
 
 async def fail_job(store: UserStore, job: dict[str, Any], error: str) -> dict[str, Any]:
@@ -222,6 +229,8 @@ class JobRunner:
         self._job_id: str | None = None
         self._progress_at = time.monotonic()
         self._store_error: str | None = None
+        self.metrics = JobMetrics(personalizer.metrics)
+        self.metrics.watch_runner(self)
 
     def interrupt(self) -> None:
         """Stop the running training at its next step (server shutdown); the job is reported failed."""
@@ -274,7 +283,9 @@ class JobRunner:
                 job = await fail_job(self.store, job, "interrupted by a server restart")
             else:
                 job = await fail_if_stale(self.store, job, self.settings.job_stale_seconds)
-            n += job["status"] == "failed"
+            if job["status"] == "failed":
+                n += 1
+                self.metrics.interrupted(job["job_id"])
         return n
 
     async def run_forever(self, stop: asyncio.Event) -> None:
@@ -304,6 +315,7 @@ class JobRunner:
             job = await self.store.get_job(job_id)
             if job is not None and job["status"] in ACTIVE:
                 await fail_job(self.store, job, error)
+                self.metrics.finished(job_id, "failed")
         except Exception:  # noqa: BLE001 - logged; the next job is what matters now
             log.exception("fine-tune runner: cannot record the failure of job %s", job_id)
 
@@ -371,6 +383,7 @@ class JobRunner:
             )
         job = {**job, "status": "running", "started_at": _now(), "heartbeat_at": _now()}
         await self._retry(f"mark job {job_id} running", lambda: self.store.put_job(job_id, dict(job)))
+        self.metrics.started(job_id)
         self._state = "running"
         limit = self.settings.job_timeout_seconds
         deadline = time.monotonic() + limit
@@ -423,10 +436,14 @@ class JobRunner:
         await self._retry(f"record job {job_id}'s result", lambda: self.store.put_job(job_id, job))
         user_id = job["user_id"]
         await self._retry(f"free user {user_id}'s job slot", lambda: self.store.release_active_job(user_id, job_id))
+        self.metrics.finished(job_id, "succeeded")
         return job
 
     async def _finish_failed(self, job: dict[str, Any], error: str) -> dict[str, Any]:
-        return await self._retry(f"record job {job['job_id']}'s failure", lambda: fail_job(self.store, job, error))
+        what = f"record job {job['job_id']}'s failure"
+        failed = await self._retry(what, lambda: fail_job(self.store, job, error))
+        self.metrics.finished(job["job_id"], "failed")
+        return failed
 
     async def _await_profile(self, job: dict[str, Any]) -> bool | None:
         """An add_to_profile job: wait until the submission's profile write shows (True); None if the

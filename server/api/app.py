@@ -43,7 +43,9 @@ async def build_services(settings: Settings) -> tuple[Services, JobRunner | None
     _, served = await banks.load(resolve_bank_path(settings, model_path, model_id))
     metrics.set_bank(served.version)
     cache = AdapterCache(settings.adapter_cache_dir, settings.adapter_cache_size)
+    metrics.watch_adapter_cache(cache)  # read at each scrape
     engine = Engine(settings, model_path, model_id)
+    metrics.watch_engine(engine)
     engine.start()
     personalizer = Personalizer(settings, store, banks, cache, metrics)
     generator = Generator(settings, engine, personalizer, tokenizer, metrics)
