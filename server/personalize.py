@@ -114,6 +114,16 @@ class Personalizer:
         record = await self.store.put_profile(user_id, items, embedding, served.embedding_model)
         return UserContext(user_id, served, record, self._plan(served, record), history)
 
+    async def append_items(self, user_id: str, items: list[dict[str, Any]]) -> tuple[UserContext, int]:
+        """Append history items (creating the profile if absent) and keep the newest
+        `max_profile_items` (a rolling window); re-embeds the user. Returns (context, dropped)."""
+        self.validate_items(items)
+        record = await self.store.get_user(user_id)
+        merged = (list(record.items) if record is not None else []) + list(items)
+        keep = self.settings.max_profile_items
+        dropped = max(0, len(merged) - keep)
+        return await self.put_profile(user_id, merged[dropped:]), dropped
+
     async def context(self, user_id: str, *, missing_ok: bool = False) -> UserContext:
         """The user's fusion plan on the current bank; re-embeds a profile from another embedding model.
 

@@ -153,6 +153,12 @@ class UserView(BaseModel):
     stored_bytes: dict[str, int] = Field(description="Bytes stored for this user: profile, embedding, stacked LoRA.")
 
 
+class AppendItemsView(UserView):
+    items_added: int = Field(description="Items appended by this request.")
+    items_dropped: int = Field(description="Oldest items dropped to keep the newest MTA_MAX_PROFILE_ITEMS.")
+    max_profile_items: int = Field(description="The rolling window: items kept at most.")
+
+
 class FinetuneExample(_Strict):
     input: str = Field(description="The instruction, as a user would send it to /generate.")
     output: str = Field(description="The answer the user expects.")

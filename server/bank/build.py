@@ -292,22 +292,18 @@ def split_items(user: User, n_validation: int) -> tuple[User, tuple[dict[str, An
 def heldout_examples(user: User, items: Sequence[Mapping[str, Any]], task: Task) -> list[Example]:
     """`items` as examples whose prompt carries the BM25 top-1 of `user`'s items: how an unseen item is served."""
     history = [task.render(item) for item in user.profile]
-    examples = []
-    for item in items:
-        instruction = task.instruction(item)
-        examples.append(Example(prompt=user_content(instruction, retrieve_top1(history, instruction)), answer=task.answer(item)))
-    return examples
+    return [_example(item, history, task) for item in items]
+
+
+def _example(item: Mapping[str, Any], history: Sequence[str], task: Task) -> Example:
+    instruction = task.instruction(item)
+    return Example(prompt=user_content(instruction, retrieve_top1(history, instruction)), answer=task.answer(item))
 
 
 def leave_one_out_examples(user: User, task: Task) -> list[Example]:
     """One example per history item: its instruction, with the BM25 top-1 OTHER item as context."""
     history = [task.render(item) for item in user.profile]
-    examples = []
-    for i, item in enumerate(user.profile):
-        instruction = task.instruction(item)
-        top1 = retrieve_top1(history[:i] + history[i + 1 :], instruction)
-        examples.append(Example(prompt=user_content(instruction, top1), answer=task.answer(item)))
-    return examples
+    return [_example(item, history[:i] + history[i + 1 :], task) for i, item in enumerate(user.profile)]
 
 
 # --- embedding and clustering ---------------------------------------------------------------

@@ -7,9 +7,11 @@ import json
 from fastapi import APIRouter, Path, Response
 
 from server.api.deps import ServicesDep
-from server.api.schemas import USER_ID_PATTERN, ProfileRequest, UserView
+from server.api.schemas import USER_ID_PATTERN, AppendItemsView, ProfileRequest, UserView
 from server.errors import NotFound
+from server.jobs import public_view
 from server.personalize import UserContext
+from server.stacking import STACKED_BLOB, StackedBlob
 
 router = APIRouter(prefix="/users", tags=["users"])
 UserIdPath = Path(pattern=USER_ID_PATTERN, description="Letters, digits and _.:@- (max 128).")
@@ -54,12 +56,58 @@ async def put_profile(body: ProfileRequest, services: ServicesDep, user_id: str 
     return _view(await services.personalizer.put_profile(user_id, body.items))
 
 
+@router.post("/{user_id}/items", response_model=AppendItemsView)
+async def append_items(body: ProfileRequest, services: ServicesDep, user_id: str = UserIdPath):
+    """Append history items (creates the profile if absent); keeps the newest MTA_MAX_PROFILE_ITEMS."""
+    ctx, dropped = await services.personalizer.append_items(user_id, body.items)
+    return {
+        **_view(ctx),
+        "items_added": len(body.items),
+        "items_dropped": dropped,
+        "max_profile_items": services.personalizer.settings.max_profile_items,
+    }
+
+
 @router.get("/{user_id}", response_model=UserView)
 async def get_user(services: ServicesDep, user_id: str = UserIdPath):
     ctx = await services.personalizer.context(user_id)
     if ctx.record is None:
         raise NotFound(f"user {user_id!r} not found")
     return _view(ctx)
+
+
+@router.get("/{user_id}/export", responses={404: {"description": "Unknown user."}})
+async def export_user(services: ServicesDep, user_id: str = UserIdPath) -> dict:
+    """Everything stored about the user (for an access request): the profile items, the embedding
+    model and profile version, the stacked LoRA's metadata (not its tensors) and the user's jobs
+    (their public view, without training examples)."""
+    store = services.personalizer.store
+    record = await store.get_user(user_id)
+    if record is None:
+        raise NotFound(f"user {user_id!r} not found")
+    blob = await store.get_blob(user_id, STACKED_BLOB)
+    stacked = StackedBlob.parse(*blob) if blob else None
+    jobs = await store.list_jobs(user_id=user_id)
+    return {
+        "user_id": user_id,
+        "profile": {
+            "items": record.items,
+            "profile_version": record.profile_version,
+            "updated_at": record.updated_at,
+            "embedding_model": record.embedding_model,
+        },
+        "stacked": (
+            {
+                "version": stacked.version,
+                "bank_version": stacked.bank_version,
+                "job_id": stacked.job_id,
+                "bytes": len(stacked.data),
+            }
+            if stacked
+            else None
+        ),
+        "jobs": [public_view(j) for j in jobs],
+    }
 
 
 @router.delete("/{user_id}", status_code=204)

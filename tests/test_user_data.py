@@ -1,0 +1,116 @@
+"""A user's data over real HTTP, on both stores: appending history items (a rolling window)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from .conftest import server_env
+from .server_process import ServerProcess
+
+MAX_ITEMS = 6  # MTA_MAX_PROFILE_ITEMS of these servers
+
+
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def server(request, tmp_path_factory, tiny_model_dir, tiny_bank) -> Iterator[ServerProcess]:
+    """One server per store, with MTA_UNKNOWN_USER=404 (appending must still create a user)."""
+    tmp = tmp_path_factory.mktemp(f"user-data-{request.param}")
+    extra = {"MTA_UNKNOWN_USER": "404", "MTA_MAX_PROFILE_ITEMS": str(MAX_ITEMS)}
+    if request.param == "redis":
+        extra["MTA_STORE_URL"] = request.getfixturevalue("redis_url")
+    proc = ServerProcess(tmp, server_env(tmp, tiny_model_dir, tiny_bank, **extra)).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def _items(tag: str, n: int, start: int = 0) -> list[dict[str, str]]:
+    return [{"description": f"{tag} film number {start + i}", "tag": tag} for i in range(n)]
+
+
+def test_append_items_creates_appends_and_keeps_newest(server: ServerProcess) -> None:
+    user = f"app-{uuid.uuid4().hex[:8]}"
+    with server.client() as c:
+        assert c.get(f"/users/{user}").status_code == 404
+        # Creation by append, also with MTA_UNKNOWN_USER=404.
+        r = c.post(f"/users/{user}/items", json={"items": _items("comedy", 2)})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["profile_items"], body["items_added"], body["items_dropped"]) == (2, 2, 0)
+        assert body["max_profile_items"] == MAX_ITEMS
+        first_anchors, first_version = body["anchors"], body["profile_version"]
+        assert c.post("/generate", json={"user_id": user, "prompt": "hi", "max_tokens": 2}).json()["personalized"]
+
+        # Append: no resend, the profile grows and is re-embedded (new version, fusion recomputed).
+        r = c.post(f"/users/{user}/items", json={"items": _items("horror", 3)})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["profile_items"], body["items_added"], body["items_dropped"]) == (5, 3, 0)
+        assert body["profile_version"] > first_version
+        assert [a["id"] for a in body["anchors"]] and first_anchors  # a plan on the new embedding
+
+        # Rolling window: 5 + 4 = 9 > 6 keeps the newest 6 and says 3 were dropped.
+        r = c.post(f"/users/{user}/items", json={"items": _items("horror", 4, start=3)})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["profile_items"], body["items_added"], body["items_dropped"]) == (MAX_ITEMS, 4, 3)
+        assert c.get(f"/users/{user}").json()["profile_items"] == MAX_ITEMS
+        # A request's own batch over the limit is refused like PUT, and changes nothing.
+        r = c.post(f"/users/{user}/items", json={"items": _items("x", MAX_ITEMS + 1)})
+        assert r.status_code == 422 and r.json()["error"]["type"], r.text
+        assert c.get(f"/users/{user}").json()["profile_version"] == body["profile_version"]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"items": []}, {"items": [{"description": "   "}]}, {"items": [{"description": "x" * 30000}]}, {"item": []}, []],
+)
+def test_append_items_validation_matches_put(server: ServerProcess, payload) -> None:
+    user = f"bad-{uuid.uuid4().hex[:8]}"
+    with server.client() as c:
+        put = c.put(f"/users/{user}/profile", json=payload)
+        post = c.post(f"/users/{user}/items", json=payload)
+        assert put.status_code == post.status_code and 400 <= post.status_code < 500, (put.text, post.text)
+        assert set(post.json()) == {"error"} and set(post.json()["error"]) >= {"type", "message"}
+        assert c.get(f"/users/{user}").status_code == 404  # nothing created
+
+
+def test_export_returns_everything_stored(server: ServerProcess) -> None:
+    user = f"exp-{uuid.uuid4().hex[:8]}"
+    with server.client() as c:
+        r = c.get(f"/users/{user}/export")
+        assert r.status_code == 404 and r.json()["error"]["type"], r.text
+        items = _items("drama", 3)
+        assert c.put(f"/users/{user}/profile", json={"items": items}).status_code == 200
+        ex = [{"input": "Which tag fits: a sad story", "output": "drama"}] * 2
+        r = c.post(f"/users/{user}/finetune", json={"examples": ex, "epochs": 1})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        deadline = time.monotonic() + 240
+        while (status := c.get(f"/jobs/{job_id}").json()["status"]) not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, status
+            time.sleep(1)
+        assert status == "succeeded"
+        r = c.get(f"/users/{user}/export")
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["user_id"] == user
+        assert out["profile"]["items"] == items and out["profile"]["profile_version"] >= 1
+        assert out["profile"]["embedding_model"]
+        view = c.get(f"/users/{user}").json()
+        st = out["stacked"]
+        assert st == {
+            "version": view["stacked"]["version"],
+            "bank_version": view["stacked"]["bank_version"],
+            "job_id": job_id,
+            "bytes": view["stored_bytes"]["stacked_lora"],
+        }
+        assert [j["job_id"] for j in out["jobs"]] == [job_id]
+        assert out["jobs"][0]["status"] == "succeeded" and "examples" not in out["jobs"][0]
+        assert "Which tag fits" not in r.text  # no training example anywhere
+        assert c.delete(f"/users/{user}").status_code == 204
+        assert c.get(f"/users/{user}/export").status_code == 404
