@@ -277,11 +277,9 @@ def test_generic_tasks_come_from_templates():
         make_task("x", "A: {a} B: {b}", "Q: {a} {b}", answer_field="b")
 
 
-def test_the_real_server_serves_the_built_bank(built, tiny_model_dir, tmp_path, lamp_users):
-    report, _ = built
-    held_out = report.manifest.extra["split"]["held_out"]
-    user = next(u for u in lamp_users if u["user_id"] == held_out[0])
-    proc = ServerProcess(tmp_path, server_env(tmp_path, tiny_model_dir, report.path)).start()
+def serve_and_generate(report, user: dict, tmp_path: Path, tiny_model_dir: Path, **env: str) -> dict:
+    """A real server on the built bank: the user's profile, then one /generate with its first query."""
+    proc = ServerProcess(tmp_path, server_env(tmp_path, tiny_model_dir, report.path, **env)).start()
     try:
         with proc.client() as c:
             r = c.put(f"/users/{user['user_id']}/profile", json={"items": user["profile"]})
@@ -292,9 +290,16 @@ def test_the_real_server_serves_the_built_bank(built, tiny_model_dir, tmp_path, 
                 json={"user_id": str(user["user_id"]), "prompt": user["query"][0]["input"], "max_tokens": 8},
             )
             assert r.status_code == 200, r.text
-            body = r.json()
+            return r.json()
     finally:
         proc.stop()
+
+
+def test_the_real_server_serves_the_built_bank(built, tiny_model_dir, tmp_path, lamp_users):
+    report, _ = built
+    held_out = report.manifest.extra["split"]["held_out"]
+    user = next(u for u in lamp_users if u["user_id"] == held_out[0])
+    body = serve_and_generate(report, user, tmp_path, tiny_model_dir)
     anchors = {a.id for a in report.manifest.anchors}
     assert body["personalized"] is True and body["fusion_mode"] == "linear"
     assert len(body["anchors"]) == 2 and {a["id"] for a in body["anchors"]} <= anchors
@@ -405,18 +410,6 @@ def test_the_fusion_defaults_are_chosen_on_the_anchor_pool_and_recorded(built_ta
 def test_the_real_server_serves_a_task_init_bank(built_task, tiny_model_dir, tmp_path, lamp_users):
     report, _ = built_task
     user = next(u for u in lamp_users if u["user_id"] == report.manifest.extra["split"]["held_out"][0])
-    env = server_env(tmp_path, tiny_model_dir, report.path, MTA_RESIDUAL_SCALE="0.5", MTA_FUSION_MODE="linear")
-    proc = ServerProcess(tmp_path, env).start()
-    try:
-        with proc.client() as c:
-            assert c.put(f"/users/{user['user_id']}/profile", json={"items": user["profile"]}).status_code == 200
-            r = c.post(
-                "/generate",
-                json={"user_id": str(user["user_id"]), "prompt": user["query"][0]["input"], "max_tokens": 8},
-            )
-            assert r.status_code == 200, r.text
-            body = r.json()
-    finally:
-        proc.stop()
+    body = serve_and_generate(report, user, tmp_path, tiny_model_dir, MTA_RESIDUAL_SCALE="0.5", MTA_FUSION_MODE="linear")
     assert body["personalized"] is True and body["bank_version"] == report.manifest.bank_version
     assert body["adapter"]["rank"] == 4 + 4  # the shared task LoRA + the linear-fused residuals

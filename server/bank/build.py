@@ -228,15 +228,20 @@ def _record_problem(record: Any, task: Task) -> str | None:
     return None
 
 
-def load_users(path: str | os.PathLike[str], task: Task) -> list[User]:
-    """Read a LaMP per-user file; raise BankBuildError naming the first bad record."""
-    path = Path(path)
+def read_json(path: Path) -> Any:
+    """A JSON file's content; BankBuildError saying why it cannot be read."""
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except OSError as e:
         raise BankBuildError(f"cannot read {path}: {e}") from e
     except json.JSONDecodeError as e:
         raise BankBuildError(f"{path} is not JSON: {e}") from e
+
+
+def load_users(path: str | os.PathLike[str], task: Task) -> list[User]:
+    """Read a LaMP per-user file; raise BankBuildError naming the first bad record."""
+    path = Path(path)
+    data = read_json(path)
     if not isinstance(data, list) or not data:
         raise BankBuildError(
             f"{path} is not a LaMP user file: expected a non-empty JSON list of "
@@ -426,7 +431,7 @@ class BuildReport:
     train_seconds: dict[str, float]
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -442,7 +447,7 @@ def _model_fingerprint(model_dir: Path, model_id: str) -> dict[str, Any]:
     weights = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin"))
     return {
         "model_id": model_id,
-        "config": _sha256_file(model_dir / "config.json"),
+        "config": sha256_file(model_dir / "config.json"),
         "weights": [(p.name, p.stat().st_size) for p in weights],
     }
 
@@ -667,7 +672,7 @@ def _manifest(
         "select_fusion": config.select_fusion,
         "max_fused_rank": config.max_fused_rank,
     }
-    data_info = {"file": data.name, "sha256": _sha256_file(data), "users": len(users)}
+    data_info = {"file": data.name, "sha256": sha256_file(data), "users": len(users)}
     version = _digest(
         {"data": data_info["sha256"], "settings": settings, "model": model_id, "emb": config.embedding_model}
     )

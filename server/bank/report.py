@@ -17,8 +17,6 @@ user's rendered history items). Without the data file only the anchors are drawn
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -400,14 +398,6 @@ def project_2d(points: np.ndarray) -> tuple[np.ndarray, float]:
 # --- the users ------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def pool_embeddings(
     manifest: BankManifest, data: str | os.PathLike[str], embedder: Any
 ) -> tuple[list[str], np.ndarray, list[str]]:
@@ -417,21 +407,17 @@ def pool_embeddings(
     no split is recorded); each is the normalised mean embedding of its rendered history items.
     Notes say when the file is not the one the bank was built from.
     """
+    from server.bank.build import read_json, sha256_file
     from server.prompts import render_item
 
     data = Path(data)
-    try:
-        records = json.loads(data.read_text())
-    except OSError as e:
-        raise ValueError(f"cannot read {data}: {e}") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{data} is not JSON: {e}") from e
+    records = read_json(data)  # BankBuildError is a ValueError
     if not isinstance(records, list) or not all(isinstance(r, dict) and "user_id" in r for r in records):
         raise ValueError(f"{data} is not a LaMP user file (a JSON list of {{user_id, profile, ...}} objects)")
     extra = _dict(manifest.extra)
     notes = []
     recorded = _dict(extra.get("data")).get("sha256")
-    if recorded and recorded != _sha256_file(data):
+    if recorded and recorded != sha256_file(data):
         notes.append(f"{data.name} is not the file the bank was built from (sha256 differs from the manifest's)")
     pool = _list(_dict(extra.get("split")).get("anchor_pool"))
     wanted = {str(u) for u in pool} if pool else None

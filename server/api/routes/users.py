@@ -17,6 +17,11 @@ router = APIRouter(prefix="/users", tags=["users"])
 UserIdPath = Path(pattern=USER_ID_PATTERN, description="Letters, digits and _.:@- (max 128).")
 
 
+def _stacked_view(stacked: StackedBlob) -> dict:
+    """A stored stacked LoRA's metadata (never its tensors)."""
+    return {"version": stacked.version, "bank_version": stacked.bank_version, "job_id": stacked.job_id, "bytes": len(stacked.data)}
+
+
 def _view(ctx: UserContext) -> dict:
     assert ctx.record is not None and ctx.plan is not None
     weights = dict(ctx.plan.anchors)
@@ -31,17 +36,7 @@ def _view(ctx: UserContext) -> dict:
         "bank_version": ctx.served.version,
         "fusion_mode": ctx.plan.mode,
         "anchors": [{"id": a, "similarity": round(s, 6), "weight": weights.get(a, 0.0)} for a, s in ctx.plan.retrieved],
-        "stacked": (
-            {
-                "version": stacked.version,
-                "bank_version": stacked.bank_version,
-                "stale": ctx.stacked_stale,
-                "job_id": stacked.job_id,
-                "bytes": len(stacked.data),
-            }
-            if stacked
-            else None
-        ),
+        "stacked": {**_stacked_view(stacked), "stale": ctx.stacked_stale} if stacked else None,
         "stored_bytes": {
             "profile": profile_bytes,
             "embedding": embedding_bytes,
@@ -96,16 +91,7 @@ async def export_user(services: ServicesDep, user_id: str = UserIdPath) -> dict:
             "updated_at": record.updated_at,
             "embedding_model": record.embedding_model,
         },
-        "stacked": (
-            {
-                "version": stacked.version,
-                "bank_version": stacked.bank_version,
-                "job_id": stacked.job_id,
-                "bytes": len(stacked.data),
-            }
-            if stacked
-            else None
-        ),
+        "stacked": _stacked_view(stacked) if stacked else None,
         "jobs": [public_view(j) for j in jobs],
     }
 
