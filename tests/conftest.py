@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .prerequisites import REQUIRE_ENV, required
 from .redis_server import redis_url  # noqa: F401  (fixture)
 from .server_process import ADMIN_TOKEN, ServerProcess
 from .tiny_model import build_tiny_model
@@ -41,6 +42,25 @@ THEMES: dict[str, list[dict[str, str]]] = {
     ],
 }
 HISTORY_TEMPLATE = "Description: {description} Tag: {tag}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    required()  # a misspelt MTA_TEST_REQUIRE stops the run before any test
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """One line saying what was skipped and why, so a skip is never silent."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    reasons: dict[str, int] = {}
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    listed = "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    required_now = ",".join(sorted(required())) or "none"
+    terminalreporter.write_line(f"skipped {len(skipped)} ({REQUIRE_ENV}={required_now}): {listed}", yellow=True)
 
 
 @pytest.fixture(scope="module")

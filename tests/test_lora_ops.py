@@ -15,6 +15,7 @@ from server.lora_ops import kernel, plugin, punica
 from server.lora_ops import ops as ours
 
 from .conftest import server_env
+from .prerequisites import missing
 from .server_process import ServerProcess
 from .test_api_e2e import PROFILES, PROMPT, generate, put_profile
 
@@ -242,7 +243,7 @@ ONE_TOKEN_PER_ADAPTER: dict[str, tuple[list[int], int]] = {
 def test_decode_kernel_equals_vllm_in_float32(name, shape, monkeypatch):
     """The C++ kernel (bf16 in, float32 sums) for one-token-per-adapter tiers against vLLM's float32 product."""
     if kernel.build() is None:
-        pytest.skip("the C++ kernel cannot be built here (no AVX512-BF16 or no compiler)")
+        missing("kernel", "the C++ kernel cannot be built here (no AVX512-BF16 or no compiler)")
     monkeypatch.setattr(ours, "_tier_bmm", None)  # the kernel must do every tier
     indices, slots = ONE_TOKEN_PER_ADAPTER[name]
     fin, fout = shape
@@ -498,7 +499,7 @@ def layer_output(wrapper, x, a, b, outs, y0) -> torch.Tensor:
 def fused_calls(installed, monkeypatch) -> list[int]:
     """Counts the kernel's whole-layer calls (skips where the kernel cannot be built)."""
     if kernel.build() is None:
-        pytest.skip("the C++ kernel cannot be built here (no AVX512-BF16 or no compiler)")
+        missing("kernel", "the C++ kernel cannot be built here (no AVX512-BF16 or no compiler)")
     calls: list[int] = []
     real = kernel.lora_linear
 
