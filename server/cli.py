@@ -29,13 +29,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     settings = _settings(host=args.host, port=args.port, bank_path=args.bank, model_path=args.model)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
-    )  # exits with status 3 when startup fails (bad model, bank or store, or the engine cannot start)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=30
+    )
+    server = uvicorn.Server(config)
+    app.state.stop_server = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if not server.started:
+        sys.exit(3)  # startup failed (bad model, bank or store, or the engine cannot start), as `uvicorn.run`
+    if code := getattr(app.state, "exit_code", 0):
+        sys.exit(code)  # 4: the engine died; a supervisor (compose, Kubernetes) starts a new server
 
 
 def cmd_worker(args: argparse.Namespace) -> None:

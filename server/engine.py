@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,17 +86,31 @@ class Engine:
             raise Unavailable("the generation engine is not running")
         from vllm.inputs import TokensPrompt
 
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         assert self._llm is not None
-        async for out in self._llm.generate(
-            TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=lora
-        ):
-            choice = out.outputs[0]
-            yield Completion(
-                text=choice.text,
-                token_ids=list(choice.token_ids),
-                finish_reason=choice.finish_reason,
-                prompt_tokens=len(out.prompt_token_ids or prompt_ids),
-            )
+        try:
+            async for out in self._llm.generate(
+                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=lora
+            ):
+                choice = out.outputs[0]
+                yield Completion(
+                    text=choice.text,
+                    token_ids=list(choice.token_ids),
+                    finish_reason=choice.finish_reason,
+                    prompt_tokens=len(out.prompt_token_ids or prompt_ids),
+                )
+        except EngineDeadError as e:  # the watchdog (`watch`) then stops the server for its supervisor
+            raise Unavailable(f"the generation engine died: {e}") from e
+
+    async def watch(self, on_death: Callable[[], None], interval: float = 0.5) -> None:
+        """Call `on_death` once when the engine has died: vLLM never restarts a dead engine core,
+        so without a new process every later request would fail."""
+        while self.ready:
+            await asyncio.sleep(interval)
+        if self._llm is not None:  # not a shutdown
+            log.critical("the vLLM engine died; stopping the server so that its supervisor restarts it")
+            on_death()
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -81,6 +83,17 @@ class StreamedBodyLimit:
         await self.app(scope, counted, send)
 
 
+ENGINE_DIED_EXIT_CODE = 4
+
+
+def _exit_for_restart(app: FastAPI) -> None:
+    """Shut down gracefully; `mta serve` then exits with ENGINE_DIED_EXIT_CODE (under another ASGI
+    server, without `stop_server`, SIGTERM stops it the way an operator would)."""
+    app.state.exit_code = ENGINE_DIED_EXIT_CODE
+    stop = getattr(app.state, "stop_server", None)
+    stop() if stop is not None else os.kill(os.getpid(), signal.SIGTERM)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -98,11 +111,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if failed := await runner.recover(all_running=True):
                 log.warning("%d fine-tune job(s) interrupted by the last shutdown were marked failed", failed)
             runner_task = runner.start(stop)
+        watchdog = asyncio.create_task(services.engine.watch(lambda: _exit_for_restart(app)))
         log.info("ready: model %s, bank %s", services.engine.model_id, services.banks.current.version)
         try:
             yield
         finally:
             stop.set()
+            watchdog.cancel()
             if runner is not None and runner_task is not None:
                 runner.interrupt()
                 try:
