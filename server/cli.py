@@ -35,7 +35,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
     server = uvicorn.Server(config)
     app.state.stop_server = lambda: setattr(server, "should_exit", True)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises SIGINT after a clean shutdown; `uvicorn.run` exits 0 then too
+        pass
     if not server.started:
         sys.exit(3)  # startup failed (bad model, bank or store, or the engine cannot start), as `uvicorn.run`
     if code := getattr(app.state, "exit_code", 0):
@@ -53,10 +56,19 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 
 def cmd_model_prepare(args: argparse.Namespace) -> None:
+    """Convert the default model and build the LoRA decode kernel, so serving compiles nothing."""
     from server.defaults import resolve_model
+    from server.engine import served_dtype
+    from server.lora_ops import prepare_lora_path
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path, model_id = resolve_model(_settings(cache_dir=args.cache_dir))
+    settings = _settings(cache_dir=args.cache_dir)
+    path, model_id = resolve_model(settings)
+    try:
+        lora_path = prepare_lora_path(settings.device, served_dtype(settings, path), settings.fast_cpu_lora_ops)
+    except RuntimeError as e:  # KernelBuildError: a compiler is there and failed
+        sys.exit(f"mta model prepare: {e}")
+    print(f"LoRA path: {lora_path}", file=sys.stderr)
     print(path)
 
 
@@ -353,7 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task", required=True, help="movie_tagging, news_headline, or a generic task (give templates)")
     ev.add_argument("--data", type=Path, required=True, help="LaMP per-user JSON file (queries with `gold`)")
     ev.add_argument("--bank", type=Path, help="meta-LoRA bank (needed by the mta_* methods)")
-    ev.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated; see docs/results.md")
+    ev.add_argument(
+        "--methods",
+        help=f"comma-separated; see docs/results.md (default: {','.join(DEFAULT_METHODS)}; majority and"
+        " copy_retrieved only for classification tasks)",
+    )
     ev.add_argument("--out", type=Path, required=True, help="output directory")
     ev.add_argument("--model", type=Path, help="base model directory (default: the server's default model)")
     ev.add_argument("--few-shot", type=int, default=5, help="profile items per user used as its few-shot set")

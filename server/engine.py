@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +27,14 @@ class EngineStartError(RuntimeError):
     """The engine could not start; the server exits with this message."""
 
 
+def served_dtype(settings: Settings, model_path: Path) -> str:
+    """The dtype vLLM serves in: the setting, or for `auto` the model's own."""
+    if settings.dtype != "auto":
+        return settings.dtype
+    config = json.loads((model_path / "config.json").read_text())
+    return str(config.get("torch_dtype") or config.get("dtype") or "float32")
+
+
 @dataclass(frozen=True)
 class Completion:
     """One step of a generation: new text and ids since the previous step (or all, when not streaming)."""
@@ -41,13 +51,22 @@ class Engine:
         self.model_path = model_path
         self.model_id = model_id
         self._llm = None
+        self.lora_path: str | None = None  # which LoRA ops the engine runs (`server.lora_ops.LORA_PATHS`)
 
     def start(self) -> None:
         """Start vLLM (its engine core runs in a subprocess); raise EngineStartError with the reason."""
+        from server.lora_ops import prepare_lora_path
+        from server.lora_ops.kernel import KernelBuildError
+
         s = self.settings
         if s.device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(s.cpu_kvcache_space_gb))
         os.environ["MTA_FAST_CPU_LORA_OPS"] = "1" if s.fast_cpu_lora_ops else "0"
+        try:  # built here, once: the engine's processes then load it from torch's extensions cache
+            self.lora_path = prepare_lora_path(s.device, served_dtype(s, self.model_path), s.fast_cpu_lora_ops)
+        except KernelBuildError as e:
+            raise EngineStartError(str(e)) from e
+        log.info("LoRA path: %s", self.lora_path)
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
@@ -89,17 +108,17 @@ class Engine:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         assert self._llm is not None
+        outputs = self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=lora)
         try:
-            async for out in self._llm.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=lora
-            ):
-                choice = out.outputs[0]
-                yield Completion(
-                    text=choice.text,
-                    token_ids=list(choice.token_ids),
-                    finish_reason=choice.finish_reason,
-                    prompt_tokens=len(out.prompt_token_ids or prompt_ids),
-                )
+            async with aclosing(outputs):  # closed early (a client went away): vLLM aborts the request now
+                async for out in outputs:
+                    choice = out.outputs[0]
+                    yield Completion(
+                        text=choice.text,
+                        token_ids=list(choice.token_ids),
+                        finish_reason=choice.finish_reason,
+                        prompt_tokens=len(out.prompt_token_ids or prompt_ids),
+                    )
         except EngineDeadError as e:  # the watchdog (`watch`) then stops the server for its supervisor
             raise Unavailable(f"the generation engine died: {e}") from e
 
@@ -111,6 +130,16 @@ class Engine:
         if self._llm is not None:  # not a shutdown
             log.critical("the vLLM engine died; stopping the server so that its supervisor restarts it")
             on_death()
+
+    async def remove_lora(self, lora_int_id: int) -> None:
+        """Drop an adapter whose files the adapter cache deleted: on CPU vLLM keeps the files of the
+        adapters it holds memory-mapped, so their tmpfs space is freed only now. Best effort."""
+        if self._llm is None:
+            return
+        try:
+            await self._llm.remove_lora(lora_int_id)
+        except Exception as e:  # noqa: BLE001 - a dead engine holds nothing; the watchdog handles it
+            log.debug("cannot remove LoRA %d from the engine: %s", lora_int_id, e)
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:

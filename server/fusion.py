@@ -46,8 +46,11 @@ class FusionPlan:
     anchors: tuple[tuple[str, float], ...]  # (anchor id, weight), most similar first, weight > 0
     retrieved: tuple[tuple[str, float], ...]  # (anchor id, cosine similarity) of all top-k, weight 0 included
 
-    def key(self, stacked_version: int | None = None) -> AdapterKey:
-        return AdapterKey(self.bank_uid, self.anchors, self.mode, stacked_version)
+    def key(
+        self, stacked_version: int | None = None, *, user_id: str | None = None, stacked_digest: str | None = None
+    ) -> AdapterKey:
+        """The fused adapter's key (shared by a neighbourhood); with a stacked LoRA, the user's own."""
+        return AdapterKey(self.bank_uid, self.anchors, self.mode, stacked_version, user_id, stacked_digest)
 
 
 def plan_fusion(

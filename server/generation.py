@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,10 +16,10 @@ from server.errors import InvalidInput
 from server.metrics import Metrics
 from server.personalize import AdapterLease, Personalizer, UserContext
 from server.prompts import (
+    ProfileIndex,
     chat_prompt,
     count_tokens,
     last_user_turn,
-    retrieve_top1,
     truncate_tokens,
     user_content,
     with_history_item,
@@ -86,6 +89,17 @@ class Generator:
         self.personalizer = personalizer
         self.tokenizer = tokenizer
         self.metrics = metrics
+        # Prompts are built in worker threads; a Rust tokenizer is not safe to share between threads.
+        self._tokenizer_lock = threading.Lock()
+
+    async def prompt_ids(self, inp: GenerationInput, ctx: UserContext, max_tokens: int) -> list[int]:
+        """`_prompt_ids` off the event loop: BM25 scoring and tokenizing a long prompt are CPU work."""
+
+        def locked() -> list[int]:
+            with self._tokenizer_lock:
+                return self._prompt_ids(inp, ctx, max_tokens)
+
+        return await asyncio.to_thread(locked)
 
     def _prompt_ids(self, inp: GenerationInput, ctx: UserContext, max_tokens: int) -> list[int]:
         """The prompt's token ids, with the user's BM25 top-1 history item if the profile is used.
@@ -95,7 +109,7 @@ class Generator:
         with no room left the instruction goes alone (and is refused only if it alone does not fit).
         """
         use_profile = self.settings.profile_context if inp.use_profile is None else inp.use_profile
-        history = ctx.history if use_profile else []
+        index = (ctx.history_index or ProfileIndex(ctx.history)) if use_profile else None
         if inp.messages is not None:
             turn = last_user_turn(inp.messages)
             query = inp.messages[turn]["content"] if turn is not None else None
@@ -111,9 +125,9 @@ class Generator:
                 return chat_prompt(self.tokenizer, [{"role": "user", "content": content}])
             return list(self.tokenizer(content, add_special_tokens=True)["input_ids"])
 
-        if not history or query is None:
+        if index is None or not index.history or query is None:
             return build(None)
-        item = truncate_tokens(self.tokenizer, retrieve_top1(history, query), self.settings.max_history_tokens)
+        item = truncate_tokens(self.tokenizer, index.top1(query), self.settings.max_history_tokens)
         ids = build(item or None)
         room = self.settings.max_model_len - max_tokens
         while len(ids) > room and item:  # the item shrinks strictly each round
@@ -163,7 +177,7 @@ class Generator:
             ctx = UserContext(None, self.personalizer.banks.current, None, None, [])  # type: ignore[arg-type]
         else:
             ctx = await self.personalizer.context(inp.user_id)
-        prompt_ids = self._prompt_ids(inp, ctx, max_tokens)
+        prompt_ids = await self.prompt_ids(inp, ctx, max_tokens)
         if len(prompt_ids) + max_tokens > self.settings.max_model_len:
             raise InvalidInput(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds max_model_len"
@@ -175,11 +189,14 @@ class Generator:
 
             lora = LoRARequest(f"mta-{lease.lora_int_id}", lease.lora_int_id, lease.path) if lease else None
             result = GenerationResult(f"gen-{uuid.uuid4().hex}", ctx, lease, len(prompt_ids))
-            async for delta in self.engine.generate(prompt_ids, params, result.request_id, lora):
-                result.text += delta.text
-                result.token_ids += delta.token_ids
-                result.finish_reason = delta.finish_reason
-                yield result, delta
+            # Closed (the engine aborts the request) before the lease ends: once the lease ends the
+            # adapter may be deleted and unloaded, which a request still in the engine must not see.
+            async with aclosing(self.engine.generate(prompt_ids, params, result.request_id, lora)) as deltas:
+                async for delta in deltas:
+                    result.text += delta.text
+                    result.token_ids += delta.token_ids
+                    result.finish_reason = delta.finish_reason
+                    yield result, delta
         self.metrics.generated_tokens.labels(personalized=str(ctx.personalized).lower()).inc(len(result.token_ids))
         yield result, None
 

@@ -2,6 +2,8 @@
 
 Job records and the FIFO queue live in the user store, so API replicas and workers share them
 and nothing is lost on restart. One active job per user (a slot in the store), a bounded queue.
+Every runner also sweeps the store (`JobSweeper`): jobs no runner will end are failed, slots no
+job holds are freed, and ended records (which keep no training data) expire.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,11 +32,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ACTIVE = ("queued", "running")
-# Fields of a job record that GET /jobs never shows: the training data, and the profile version an
-# `add_to_profile` job waits to see exceed (its examples are added after the job is accepted).
-_PRIVATE_FIELDS = frozenset({"examples", "awaits_profile_version"})
+# Fields of a job record that GET /jobs never shows: the training data, the profile version an
+# `add_to_profile` job waits to see exceed (its examples are added after the job is accepted),
+# and when a runner took it from the queue (what the sweep tells a lost job by).
+_PRIVATE_FIELDS = frozenset({"examples", "awaits_profile_version", "dequeued_at"})
+# Fields a job drops when it ends: a finished record keeps no training data.
+_TRAINING_FIELDS = ("examples", "awaits_profile_version")
 # The runner's waits between attempts to reach the store: 0.5, 1, 2, 4, ... s, at most this.
 _MAX_BACKOFF = 30.0
+# The sweep runs every job_stale_seconds / 4, at most this many seconds apart.
+_MAX_SWEEP_INTERVAL = 30.0
+# Ended job records deleted per store call by the sweep (the rest at the next sweep).
+_PRUNE_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,19 @@ def public_view(job: dict[str, Any]) -> dict[str, Any]:
 
 def _backoff(failures: int) -> float:
     return min(_MAX_BACKOFF, 0.5 * 2 ** min(failures - 1, 16))
+
+
+def ended(job: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """The record of a job that ends now (succeeded or failed): without its training data."""
+    return {k: v for k, v in {**job, **fields}.items() if k not in _TRAINING_FIELDS}
+
+
+async def write_transition(store: UserStore, job: dict[str, Any], from_statuses: Collection[str]) -> bool:
+    """`update_job`, and whether the record is now `job`: an earlier attempt whose answer was lost
+    (a timeout, then `_retry`) may have written it already, which the compare-and-set refuses."""
+    if await store.update_job(job["job_id"], job, from_statuses):
+        return True
+    return await store.get_job(job["job_id"]) == job
 
 
 class JobService:
@@ -164,25 +186,138 @@ class JobService:
         job = await self.store.get_job(job_id)
         if job is None:
             raise NotFound(f"job {job_id!r} not found")
-        checked = await fail_if_stale(self.store, job, self.settings.job_stale_seconds)
-        if checked["status"] != job["status"]:  # its runner died: failed now
+        if not is_stale(job, self.settings.job_stale_seconds):
+            return public_view(job)
+        failed = await fail_if_stale(self.store, job, self.settings.job_stale_seconds)
+        if failed is not None:  # its runner died: failed now
             self.metrics.interrupted(job_id)
-        return public_view(checked)
+            return public_view(failed)
+        job = await self.store.get_job(job_id)  # ended or deleted meanwhile, by someone else
+        if job is None:
+            raise NotFound(f"job {job_id!r} not found")
+        return public_view(job)
 
 
-async def fail_job(store: UserStore, job: dict[str, Any], error: str) -> dict[str, Any]:
-    job = {**job, "status": "failed", "error": error, "finished_at": _now()}
-    await store.put_job(job["job_id"], job)
-    await store.release_active_job(job["user_id"], job["job_id"])
-    return job
+async def fail_job(
+    store: UserStore, job: dict[str, Any], error: str, from_statuses: Collection[str] = ACTIVE
+) -> dict[str, Any] | None:
+    """Fail a job that is still in one of `from_statuses`, and free its user's slot unless the job
+    is still active (e.g. a runner started it meanwhile).
+
+    Returns the failed record, or None if nothing was written: the job had ended (someone else
+    failed or finished it), was deleted with its user (it must not come back), or moved on."""
+    failed = ended(job, status="failed", error=error, finished_at=_now())
+    written = await write_transition(store, failed, from_statuses)
+    if not written and (now := await store.get_job(job["job_id"])) is not None and now["status"] in ACTIVE:
+        return None
+    await store.release_active_job(job["user_id"], job["job_id"])  # only if this job holds it
+    return failed if written else None
 
 
-async def fail_if_stale(store: UserStore, job: dict[str, Any], stale_seconds: float) -> dict[str, Any]:
-    """A running job whose runner stopped beating (crash, restart) is reported failed, never 'running'."""
+def is_stale(job: dict[str, Any], stale_seconds: float) -> bool:
+    """A running job whose runner has not beaten for `stale_seconds`: the runner is dead."""
     beat = job.get("heartbeat_at") or job.get("started_at") or 0
-    if job["status"] == "running" and _now() - beat > stale_seconds:
-        return await fail_job(store, job, "interrupted: the worker running it stopped (crash or restart)")
-    return job
+    return job["status"] == "running" and _now() - beat > stale_seconds
+
+
+async def fail_if_stale(store: UserStore, job: dict[str, Any], stale_seconds: float) -> dict[str, Any] | None:
+    """A running job whose runner stopped beating (crash, restart) is reported failed, never
+    'running'; the failed record, or None if it was not stale or has ended meanwhile."""
+    if not is_stale(job, stale_seconds):
+        return None
+    return await fail_job(store, job, "interrupted: the worker running it stopped (crash or restart)", ("running",))
+
+
+LOST = (
+    "lost: it left the queue but no runner started it within job_stale_seconds (a runner stopped"
+    " between taking and starting it, or its submission failed half-way); submit it again"
+)
+
+
+def _touched(job: dict[str, Any]) -> float:
+    """When a queued job last changed hands: its submission, or a runner taking it from the queue."""
+    return max(job.get("created_at") or 0.0, job.get("dequeued_at") or 0.0)
+
+
+class JobSweeper:
+    """The periodic clean-up every runner does (`JobRunner.run_forever`), safe to run in many
+    processes at once: every write is a compare-and-set or a compare-and-delete.
+
+    - A running job without a heartbeat for `job_stale_seconds` is failed (its runner died).
+    - A queued job that is not in the queue is normal for a moment (a runner took it and stamps
+      `dequeued_at` before it starts it). One still so, unchanged, at the next sweep and idle for
+      `job_stale_seconds` was lost (a pop whose answer never arrived, a runner that died before
+      starting it, a submission that failed half-way): it is failed with `LOST`, freeing the slot.
+    - A slot held by an ended job, or for `job_stale_seconds` by a job without a record (a
+      submission that failed between claiming the slot and writing the record), is freed.
+    - Ended job records older than `job_retention_seconds` are deleted.
+    Without this, the user of a lost job or slot would get 409 for ever.
+    """
+
+    def __init__(self, settings: Settings, store: UserStore, metrics: JobMetrics) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self._lost: dict[str, float] = {}  # queued job out of the queue -> its `_touched` when seen
+        self._unheld: dict[tuple[str, str], float] = {}  # (user, job) slot without a record -> first seen
+
+    @property
+    def interval(self) -> float:
+        return min(self.settings.job_stale_seconds / 4, _MAX_SWEEP_INTERVAL)
+
+    async def sweep(self) -> dict[str, int]:
+        """One pass; how many jobs it failed (stale running, lost queued), slots it freed, records it pruned."""
+        return {
+            "interrupted": await self._fail_stale_running(),
+            "lost": await self._fail_lost_queued(),
+            "slots_freed": await self._free_orphaned_slots(),
+            "pruned": await self.store.prune_jobs(_now() - self.settings.job_retention_seconds, _PRUNE_BATCH),
+        }
+
+    async def _fail_stale_running(self) -> int:
+        n = 0
+        for job in await self.store.list_jobs(["running"]):
+            if await fail_if_stale(self.store, job, self.settings.job_stale_seconds) is not None:
+                n += 1
+                self.metrics.interrupted(job["job_id"])
+        return n
+
+    async def _fail_lost_queued(self) -> int:
+        # The records before the queue: a job submitted in between is not seen, rather than seen out of it.
+        queued = await self.store.list_jobs(["queued"])
+        in_queue = set(await self.store.queued_job_ids())
+        lost, n = {}, 0
+        for job in queued:
+            job_id, touched = job["job_id"], _touched(job)
+            if job_id in in_queue:
+                continue
+            if self._lost.get(job_id) == touched and _now() - touched > self.settings.job_stale_seconds:
+                if await fail_job(self.store, job, LOST, ("queued",)) is not None:
+                    n += 1
+                    self.metrics.finished(job_id, "failed")
+                    log.warning("fine-tune %s of user %r: %s", job_id, job["user_id"], LOST)
+            else:
+                lost[job_id] = touched
+        self._lost = lost
+        return n
+
+    async def _free_orphaned_slots(self) -> int:
+        unheld, n = {}, 0
+        for user_id, job_id in (await self.store.active_job_slots()).items():
+            job = await self.store.get_job(job_id)
+            if job is not None and job["status"] in ACTIVE:
+                continue
+            if job is None:  # a submission may be between its claim and its record: wait
+                since = self._unheld.get((user_id, job_id), time.monotonic())
+                if time.monotonic() - since <= self.settings.job_stale_seconds:
+                    unheld[(user_id, job_id)] = since
+                    continue
+            if await self.store.release_active_job(user_id, job_id):
+                n += 1
+                held_by = f"{job['status']} job" if job else "job without a record"
+                log.warning("fine-tune: freed user %r's job slot, held by %s %s", user_id, held_by, job_id)
+        self._unheld = unheld
+        return n
 
 
 class _Abort:
@@ -231,6 +366,7 @@ class JobRunner:
         self._store_error: str | None = None
         self.metrics = JobMetrics(personalizer.metrics)
         self.metrics.watch_runner(self)
+        self.sweeper = JobSweeper(settings, store, self.metrics)
 
     def interrupt(self) -> None:
         """Stop the running training at its next step (server shutdown); the job is reported failed."""
@@ -280,16 +416,37 @@ class JobRunner:
         n = 0
         for job in await self.store.list_jobs(["running"]):
             if all_running:
-                job = await fail_job(self.store, job, "interrupted by a server restart")
+                failed = await fail_job(self.store, job, "interrupted by a server restart", ("running",))
             else:
-                job = await fail_if_stale(self.store, job, self.settings.job_stale_seconds)
-            if job["status"] == "failed":
+                failed = await fail_if_stale(self.store, job, self.settings.job_stale_seconds)
+            if failed is not None:
                 n += 1
                 self.metrics.interrupted(job["job_id"])
         return n
 
     async def run_forever(self, stop: asyncio.Event) -> None:
+        """Run queued jobs one at a time until `stop`, with the sweep (`JobSweeper`) beside them."""
         self._stop = stop
+        sweeping = asyncio.create_task(self._sweep_forever(stop), name="finetune-sweep")
+        try:
+            await self._run_jobs(stop)
+        finally:
+            sweeping.cancel()
+            await asyncio.wait({sweeping})
+
+    async def _sweep_forever(self, stop: asyncio.Event) -> None:
+        """The sweep every `interval` seconds; a failed one (store outage) is logged and retried then."""
+        while not stop.is_set():
+            try:
+                done = await self.sweeper.sweep()
+            except Exception as e:  # noqa: BLE001 - the next sweep retries; the runner's health is its own
+                log.warning("fine-tune sweep failed: %s: %s", type(e).__name__, e)
+            else:
+                if any(done.values()):
+                    log.info("fine-tune sweep: %s", done)
+            await self._sleep(self.sweeper.interval)
+
+    async def _run_jobs(self, stop: asyncio.Event) -> None:
         failures = 0
         while not stop.is_set():
             self._state, self._job_id = "idle", None
@@ -370,19 +527,26 @@ class JobRunner:
     async def run_one(self, job_id: str) -> dict[str, Any] | None:
         """Run one dequeued job to its end; the job ends `succeeded` or `failed`, never stuck."""
         self._job_id = job_id
-        job = await self._retry(f"read job {job_id}", lambda: self.store.get_job(job_id))
+        read = self._reader(job_id)
+        job = await read()
         if job is None or job["status"] != "queued":
             return job  # deleted with its user or withdrawn, or already handled
+        job = {**job, "dequeued_at": _now()}  # the sweep tells a job a runner holds from a lost one by this
+        if not await self._retry(f"take job {job_id}", lambda: write_transition(self.store, job, ("queued",))):
+            return await read()  # deleted, failed as lost, or taken by another runner meanwhile
         ready = await self._await_profile(job)
         if ready is None:
-            return await self._retry(f"read job {job_id}", lambda: self.store.get_job(job_id))
+            return await read()
         if not ready:
             wait = self.settings.job_stale_seconds
             return await self._finish_failed(
                 job, f"its submission did not finish: add_to_profile was not applied within {wait:g} s"
             )
         job = {**job, "status": "running", "started_at": _now(), "heartbeat_at": _now()}
-        await self._retry(f"mark job {job_id} running", lambda: self.store.put_job(job_id, dict(job)))
+        running = dict(job)
+        mark = f"mark job {job_id} running"
+        if not await self._retry(mark, lambda: write_transition(self.store, running, ("queued",))):
+            return await read()  # deleted with its user, or failed as lost, meanwhile
         self.metrics.started(job_id)
         self._state = "running"
         limit = self.settings.job_timeout_seconds
@@ -432,18 +596,29 @@ class JobRunner:
                     training.exception()  # retrieved: its error is the timeout already reported
                 log.info("fine-tune %s: the timed-out training stopped", job_id)
             return failed
-        job = {**job, **outcome}
-        await self._retry(f"record job {job_id}'s result", lambda: self.store.put_job(job_id, job))
+        job = ended(job, **outcome)
+        recorded = await self._retry(
+            f"record job {job_id}'s result", lambda: write_transition(self.store, job, ("running",))
+        )
         user_id = job["user_id"]
         await self._retry(f"free user {user_id}'s job slot", lambda: self.store.release_active_job(user_id, job_id))
+        if not recorded:  # its LoRA is stored (the user exists), but a sweep had failed the job
+            log.warning("fine-tune %s: the result is not recorded: the job ended or was deleted meanwhile", job_id)
+            self.metrics.finished(job_id, "failed")
+            return await read()
         self.metrics.finished(job_id, "succeeded")
         return job
 
-    async def _finish_failed(self, job: dict[str, Any], error: str) -> dict[str, Any]:
+    def _reader(self, job_id: str) -> Callable[[], Awaitable[dict[str, Any] | None]]:
+        """Read the job's record, retried until the store answers."""
+        return lambda: self._retry(f"read job {job_id}", lambda: self.store.get_job(job_id))
+
+    async def _finish_failed(self, job: dict[str, Any], error: str) -> dict[str, Any] | None:
+        """Fail the job unless it ended or was deleted meanwhile; its record now (None: deleted)."""
         what = f"record job {job['job_id']}'s failure"
         failed = await self._retry(what, lambda: fail_job(self.store, job, error))
         self.metrics.finished(job["job_id"], "failed")
-        return failed
+        return failed if failed is not None else await self._reader(job["job_id"])()
 
     async def _await_profile(self, job: dict[str, Any]) -> bool | None:
         """An add_to_profile job: wait until the submission's profile write shows (True); None if the
@@ -471,13 +646,15 @@ class JobRunner:
         """The one writer of a running job's record: progress and a heartbeat, twice a second.
 
         A failed write is retried at the next beat. A store lost for `job_stale_seconds` stops the
-        training: by then every reader reports the job failed (`fail_if_stale`)."""
+        training: by then every reader reports the job failed (`fail_if_stale`). So does a record
+        that is gone (deleted with its user) or no longer running (failed by a sweep)."""
         last_written = time.monotonic()
         while True:
             await asyncio.sleep(0.5)
             job["heartbeat_at"] = _now()
             try:
-                await self.store.put_job(job["job_id"], dict(job))
+                # Only while the record exists and runs: a job deleted with its user stays deleted.
+                running = await self.store.update_job(job["job_id"], dict(job), ("running",))
             except Exception as e:  # noqa: BLE001 - never end the job from here but by `abort`
                 lost = time.monotonic() - last_written
                 self._store_error = f"heartbeat of job {job['job_id']}: {type(e).__name__}: {e}"
@@ -487,6 +664,9 @@ class JobRunner:
             else:
                 last_written = time.monotonic()
                 self._store_error = None
+                if not running:
+                    abort.set("the job was deleted (with its user) or failed while it ran")
+                    return
 
     async def _train(self, job: dict[str, Any], progress: Any) -> tuple[dict[str, Any], bytes]:
         """Train the stacked LoRA; returns the job's final fields and the LoRA's bytes (stored by the caller)."""

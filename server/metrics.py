@@ -258,6 +258,14 @@ class _StateCollector(Collector):
             "Requests the engine runs at once (MTA_MAX_NUM_SEQS); more wait",
             _read(engine, lambda e: e.settings.max_num_seqs),
         )
+        lora_path = GaugeMetricFamily(
+            "mta_lora_path_info",
+            "The LoRA ops the engine runs (value 1): kernel (C++ decode kernel), grouped-ops, or stock (vLLM's)",
+            labels=["path"],
+        )
+        if (path := _read(engine, lambda e: e.lora_path)) is not None:
+            lora_path.add_metric([path], 1)
+        yield lora_path
 
         queue = self.queue if live else None
         yield _gauge(

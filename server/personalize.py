@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from server.bank.registry import BankRegistry, ServedBank
 from server.errors import InvalidInput, NotFound
 from server.fusion import FusionPlan, materialize, plan_fusion
 from server.metrics import Metrics
+from server.prompts import ProfileIndex
 from server.settings import Settings
 from server.stacking import STACKED_BLOB, StackedBlob
 from server.store import UserRecord, UserStore
@@ -39,6 +41,7 @@ class UserContext:
     plan: FusionPlan | None
     history: list[str]
     stacked: StackedBlob | None = None  # the user's stacked LoRA, if any (served only if not stale)
+    history_index: ProfileIndex | None = None  # `history` with its BM25 index (cached per profile version)
 
     @property
     def personalized(self) -> bool:
@@ -52,6 +55,39 @@ class UserContext:
     @property
     def serves_stacked(self) -> bool:
         return self.plan is not None and self.stacked is not None and not self.stacked_stale
+
+
+# (user, profile version, time of the write, bank load): a deleted and re-created profile, or a version
+# issued twice by a store that lost writes, has another write time; another bank may render differently.
+IndexKey = tuple[str, int, float, str]
+
+
+class ProfileIndexCache:
+    """Users' rendered histories with their BM25 indexes, LRU-bounded: a request no longer renders
+    and indexes the whole profile again (only a new profile version does)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[IndexKey, ProfileIndex] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: IndexKey) -> ProfileIndex | None:
+        if (index := self._entries.get(key)) is not None:
+            self._entries.move_to_end(key)
+        return index
+
+    def put(self, key: IndexKey, index: ProfileIndex) -> None:
+        self._entries[key] = index
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def forget(self, user_id: str) -> None:
+        """A deleted user's history leaves memory with the user."""
+        for key in [k for k in self._entries if k[0] == user_id]:
+            del self._entries[key]
 
 
 @dataclass(frozen=True)
@@ -78,6 +114,7 @@ class Personalizer:
         self.metrics = metrics
         self._base_needs_zero_adapter = settings.device == "cpu" and not settings.fast_cpu_lora_ops
         self._adapter_dtype = serving_dtype(settings.dtype)
+        self._indexes = ProfileIndexCache(settings.profile_index_cache_size)
 
     def validate_items(self, items: list[dict[str, Any]]) -> None:
         """The profile limits (count, size, some text per item); InvalidInput names the first problem."""
@@ -135,16 +172,25 @@ class Personalizer:
             if self.settings.unknown_user == "404" and not missing_ok:
                 raise NotFound(f"user {user_id!r} has no profile (PUT /users/{user_id}/profile first)")
             return UserContext(user_id, served, None, None, [])
-        history = [served.render(i) for i in record.items]
+        index = await self._history_index(served, record)
         if record.embedding is None or record.embedding_model != served.embedding_model:
-            embedding = await asyncio.to_thread(served.embedder.embed_user, history)
+            embedding = await asyncio.to_thread(served.embedder.embed_user, index.history)
             await self.store.set_embedding(user_id, embedding, served.embedding_model, record.profile_version)
             record = UserRecord(
                 **{**record.__dict__, "embedding": embedding, "embedding_model": served.embedding_model}
             )
         blob = await self.store.get_blob(user_id, STACKED_BLOB)
         stacked = StackedBlob.parse(*blob) if blob else None
-        return UserContext(user_id, served, record, self._plan(served, record), history, stacked)
+        return UserContext(user_id, served, record, self._plan(served, record), index.history, stacked, index)
+
+    async def _history_index(self, served: ServedBank, record: UserRecord) -> ProfileIndex:
+        """The rendered history and its BM25 index: built off the event loop, once per profile version."""
+        key = (record.user_id, record.profile_version, record.updated_at, served.uid)
+        if (index := self._indexes.get(key)) is None:
+            items = record.items
+            index = await asyncio.to_thread(lambda: ProfileIndex([served.render(i) for i in items]))
+            self._indexes.put(key, index)
+        return index
 
     @asynccontextmanager
     async def adapter(self, ctx: UserContext) -> AsyncIterator[AdapterLease | None]:
@@ -184,20 +230,27 @@ class Personalizer:
             self.metrics.fusion_seconds.observe(time.perf_counter() - start)
             return rank
 
-        key = plan.key(stacked.version if stacked else None)
+        key = await self._adapter_key(ctx.user_id, plan, stacked)
         async with self.cache.lease(key, build) as (entry, hit):
             (self.metrics.cache_hits if hit else self.metrics.cache_misses).inc()
             yield AdapterLease(entry.lora_int_id, str(entry.path), entry.info, hit)
+
+    @staticmethod
+    async def _adapter_key(user_id: str, plan: FusionPlan, stacked: StackedBlob | None) -> AdapterKey:
+        """A fused adapter is shared by a neighbourhood; a stacked one is the user's own, keyed by
+        user and content too (hashed off the event loop: a stacked LoRA may be megabytes)."""
+        if stacked is None:
+            return plan.key()
+        digest = await asyncio.to_thread(lambda: stacked.digest)
+        return plan.key(stacked.version, user_id=user_id, stacked_digest=digest)
 
     def forget_adapters(self, ctx: UserContext) -> None:
         """Drop cached adapters of this user: the fused one of the current plan and any stacked one."""
         if self.cache is None:
             return
         fused_key = ctx.plan.key() if ctx.plan else None
-        stacked_version = ctx.stacked.version if ctx.stacked else None
-        self.cache.invalidate(
-            lambda k: k == fused_key or (stacked_version is not None and k.stacked_version == stacked_version)
-        )
+        user_id = ctx.user_id
+        self.cache.invalidate(lambda k: k == fused_key or k.user_id == user_id)
 
     async def delete_user(self, user_id: str) -> None:
         """Remove everything about the user: profile, stacked LoRA, jobs and cached adapters."""
@@ -205,6 +258,7 @@ class Personalizer:
         if ctx.record is None:
             raise NotFound(f"user {user_id!r} not found")
         self.forget_adapters(ctx)
+        self._indexes.forget(user_id)
         await self.store.delete_user(user_id)
 
     async def delete_stacked(self, user_id: str) -> None:
@@ -212,8 +266,7 @@ class Personalizer:
         if ctx.stacked is None:
             raise NotFound(f"user {user_id!r} has no stacked LoRA")
         if self.cache is not None:
-            version = ctx.stacked.version
-            self.cache.invalidate(lambda k: k.stacked_version == version)
+            self.cache.invalidate(lambda k: k.user_id == user_id)
         await self.store.delete_blob(user_id, STACKED_BLOB)
 
     def on_bank_swap(self, old: ServedBank | None) -> int:

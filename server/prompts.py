@@ -37,14 +37,24 @@ def _tokens(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
+class ProfileIndex:
+    """A user's rendered history with its BM25 index: built once per profile version, as building
+    it costs far more than a query (serving caches it, `server.personalize`)."""
+
+    def __init__(self, history: Sequence[str]) -> None:
+        self.history = list(history)
+        self._bm25 = BM25Okapi([_tokens(h) or [""] for h in self.history]) if len(self.history) > 1 else None
+
+    def top1(self, query: str) -> str | None:
+        """The history text most relevant to the query by BM25 (first one on ties), or None."""
+        if self._bm25 is None:
+            return self.history[0] if self.history else None
+        return self.history[int(self._bm25.get_scores(_tokens(query)).argmax())]
+
+
 def retrieve_top1(history: Sequence[str], query: str) -> str | None:
     """The history text most relevant to the query by BM25 (first one on ties), or None."""
-    if not history:
-        return None
-    if len(history) == 1:
-        return history[0]
-    scores = BM25Okapi([_tokens(h) or [""] for h in history]).get_scores(_tokens(query))
-    return history[int(scores.argmax())]
+    return ProfileIndex(history).top1(query)
 
 
 def user_content(instruction: str, history_item: str | None) -> str:

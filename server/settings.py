@@ -64,12 +64,21 @@ class Settings(BaseSettings):
     )
     weight_round_step: float = Field(0.05, ge=0, lt=1, description="Weights rounded to this step (0 = off).")
     profile_context: bool = Field(True, description="Prefix prompts with the user's BM25 top-1 history item.")
+    profile_index_cache_size: int = Field(
+        256, ge=1, description="Users whose rendered history and BM25 index are kept (LRU), per profile version."
+    )
 
     # --- storage ------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Embedded store and generated banks.")
     store_url: str | None = Field(None, description="sqlite:///path or redis://host:port/db; unset = SQLite in data_dir.")
-    adapter_cache_dir: Path = Field(default_factory=_default_adapter_cache_dir)
+    adapter_cache_dir: Path = Field(
+        default_factory=_default_adapter_cache_dir,
+        description="Root shared by servers; each writes in a directory of its own (srv-<pid>-<random>) under it.",
+    )
     adapter_cache_size: int = Field(256, ge=1, description="Materialized adapters kept on disk (LRU).")
+    adapter_cache_max_bytes: int | None = Field(
+        None, ge=1, description="Bytes of materialized adapters on disk, evicted ones still in use included; unset = no bound."
+    )
 
     # --- fine-tuning (MTA stage 3) -----------------------------------------
     finetune_runner: Literal["inprocess", "worker"] = Field(
@@ -88,6 +97,10 @@ class Settings(BaseSettings):
     job_stale_seconds: float = Field(300, gt=0, description="A running job with no heartbeat for this long failed.")
     job_timeout_seconds: float = Field(
         3600, gt=0, description="Wall-clock limit of one fine-tune job from its start; then it fails with that reason."
+    )
+    # Ended jobs keep a small record (status, losses, error; never the examples) this long, then it is deleted.
+    job_retention_seconds: float = Field(
+        7 * 24 * 3600, gt=0, description="How long a succeeded or failed job's record is kept (GET /jobs)."
     )
 
     # --- API ----------------------------------------------------------------

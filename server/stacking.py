@@ -6,8 +6,10 @@ served by concatenating it onto the user's fused adapter (one adapter per reques
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -36,6 +38,12 @@ class StackedBlob:
 
     def lora(self) -> LoraWeights:
         return adapter_from_bytes(self.data)
+
+    @cached_property
+    def digest(self) -> str:
+        """Of the bytes: the adapter cache keys a stacked adapter by content, as a store that loses
+        writes (Redis) may issue a version twice."""
+        return hashlib.sha256(self.data).hexdigest()
 
 
 def stacked_to_bytes(

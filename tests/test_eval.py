@@ -113,6 +113,13 @@ def test_unknown_or_misapplied_methods_are_refused():
         parse_methods("rag,majority", classification=False)
 
 
+def test_the_default_methods_fit_the_task():
+    """`mta eval --task news_headline` without --methods runs (it refused its own default list)."""
+    generation = [m.name for m in parse_methods(None, classification=False)]
+    assert "majority" not in generation and "copy_retrieved" not in generation and "mta_stack" in generation
+    assert {"majority", "copy_retrieved"} <= {m.name for m in parse_methods(None, classification=True)}
+
+
 @pytest.fixture(scope="module")
 def lamp_file(tmp_path_factory) -> Path:
     """4 real LaMP-2M users, 7 shortened profile items each (2 pool, 2 held out by the sha split)."""

@@ -35,6 +35,7 @@ from .test_finetune import EXAMPLES
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 JSON = {"content-type": "application/json"}
 JOB_ID = re.compile(r"ft-[0-9a-f]{16}")
+ADAPTER_DIR = re.compile(r"[0-9]+-[0-9a-f]{24}")
 REQUEST_TIMEOUT = 30  # seconds: a request that takes longer counts as a hang
 FUZZ_EXAMPLES = 25  # per operation and generation mode (positive, negative)
 
@@ -496,8 +497,15 @@ def test_out_of_space_recognizes_full_filesystems_and_quotas_only():
     assert not out_of_space(ValueError("rank 28"))
 
 
+def adapter_ids(fs: Path) -> set[int]:
+    """The lora_int_ids of the adapter directories (`<id>-<key digest>`) on the cache's filesystem."""
+    return {int(d.name.split("-")[0]) for d in (fs / "adapters").rglob("*") if ADAPTER_DIR.fullmatch(d.name)}
+
+
 class TestAdapterCacheFull:
-    def test_full_filesystem_is_a_503_for_new_adapters_only_and_recovers_when_space_is_freed(self, full_disk_server):
+    def test_full_filesystem_evicts_to_make_room_then_is_a_503_and_recovers_when_space_is_freed(
+        self, full_disk_server, tiny_bank
+    ):
         server, fs = full_disk_server
         users = {name: f"{name}-{uuid.uuid4().hex[:8]}" for name in ("space", "romance")}
         chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
@@ -506,10 +514,24 @@ class TestAdapterCacheFull:
                 put_profile(c, user, PROFILES[name])
             first = generate(c, users["space"])
             assert first["adapter"]["cache_hit"] is False
-            before = {p.name for p in (fs / "adapters").iterdir()}
+            assert adapter_ids(fs) == {first["adapter"]["lora_int_id"]}
 
             filler = fill(fs)
-            # A new adapter (another neighbourhood) cannot be written: a clear 503, for both APIs.
+            # A new adapter (another neighbourhood) does not fit: the cache evicts the least recently
+            # used adapter that no request holds (and vLLM lets go of it) and writes it again.
+            out = generate(c, users["romance"])
+            assert out["personalized"] is True and out["adapter"]["cache_hit"] is False
+            assert adapter_ids(fs) == {out["adapter"]["lora_int_id"]}
+            again = generate(c, users["romance"])  # a cached adapter is served from a full filesystem
+            assert again["adapter"]["cache_hit"] is True
+            assert again["adapter"]["lora_int_id"] == out["adapter"]["lora_int_id"]
+
+            # With nothing left to evict (a bank reload dropped every adapter, and the space it
+            # freed is filled again), a new adapter is a clear 503, for both APIs.
+            r = c.post("/admin/bank/reload", json={"path": str(tiny_bank)}, headers=ADMIN)
+            assert r.status_code == 200 and r.json()["invalidated_adapters"] == 1, r.text
+            filler = fill(fs)
+            assert adapter_ids(fs) == set()
             for _ in range(2):
                 r = c.post("/generate", json={"user_id": users["romance"], "prompt": PROMPT, "max_tokens": 4})
                 err = assert_error(r, 503, "adapter cache", "disk space")
@@ -519,10 +541,7 @@ class TestAdapterCacheFull:
             r = c.post("/generate", json={"user_id": users["romance"], "prompt": PROMPT, "stream": True, "max_tokens": 4})
             assert assert_error(r, 503, "adapter cache")["type"] == "adapter_cache_full"
             # No half-written adapter is left behind, and everything else is still served.
-            assert {p.name for p in (fs / "adapters").iterdir()} == before
-            again = generate(c, users["space"])
-            assert again["adapter"]["cache_hit"] is True
-            assert again["adapter"]["lora_int_id"] == first["adapter"]["lora_int_id"]
+            assert adapter_ids(fs) == set()
             assert c.post("/v1/chat/completions", json=chat).status_code == 200  # the base model
             assert c.get(f"/users/{users['romance']}").status_code == 200
             assert c.get("/healthz").status_code == 200

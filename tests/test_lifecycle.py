@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,9 +22,9 @@ import redis
 
 from server.store import RedisUserStore, SQLiteUserStore, StoreUnavailable
 
-from .conftest import HISTORY_TEMPLATE, server_env
+from .conftest import HISTORY_TEMPLATE, THEMES, server_env
 from .prerequisites import missing
-from .redis_server import RedisServer, delete_prefix, start_redis_server
+from .redis_server import RedisServer, delete_prefix, redis_key_prefix, start_redis_server  # noqa: F401
 from .server_process import ServerProcess
 from .test_api_e2e import PROFILES, PROMPT, generate, put_profile
 from .test_finetune import EXAMPLES, submit, wait_job
@@ -442,3 +445,185 @@ async def test_no_state_is_kept_for_evicted_adapters_or_failed_builds(local):
         async with cache.lease(AdapterKey("bank#x", (), "cat"), failing):
             pass
     assert cache._building == {}
+
+
+# --- issue 14: adapter cache ownership and bounds, stacked-adapter keys, the BM25 index -------------
+
+# A server's adapter cache in a process of its own: prints its directory, writes one adapter, then
+# waits to be killed (SIGKILL: no shutdown code runs, as for a crashed server).
+CACHE_HOLDER = """
+import sys, time
+from pathlib import Path
+from server.adapter_cache import AdapterCache
+cache = AdapterCache(Path(sys.argv[1]), 4)
+(cache.root / "1-adapter").mkdir()
+print(cache.root, flush=True)
+time.sleep(600)
+"""
+
+
+@contextmanager
+def cache_holder(root: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """Another server's adapter cache under `root`: its process and its directory."""
+    proc = subprocess.Popen([sys.executable, "-c", CACHE_HOLDER, str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        assert line, f"the cache holder exited with {proc.wait(timeout=30)}"
+        yield proc, Path(line)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+async def test_servers_sharing_the_adapter_cache_root_never_delete_each_others_adapters(tmp_path):
+    """The default root (/dev/shm/mta-adapters-<uid>) is shared by every server of an account: a
+    start removes only the directories of servers that are gone (their lock is free)."""
+    from server.adapter_cache import AdapterCache, AdapterKey
+
+    root = tmp_path / "shared"
+    with cache_holder(root) as (live, live_dir), cache_holder(root) as (dead, dead_dir):
+        dead.kill()
+        dead.wait(timeout=30)
+        assert live_dir != dead_dir and (dead_dir / "1-adapter").is_dir()
+        mine = AdapterCache(root, 4)
+        assert (live_dir / "1-adapter").is_dir(), "a live server's adapter was deleted"
+        assert not dead_dir.exists()  # a dead server's adapters are removed
+        assert mine.root not in (live_dir, dead_dir) and mine.root.parent == root
+
+        async def build(path: Path) -> int:
+            path.mkdir()
+            return 1
+
+        async with mine.lease(AdapterKey("bank#1", (("space", 1.0),), "cat"), build) as (entry, _):
+            other = AdapterCache(root, 4)  # a third server starts while this one serves
+            assert entry.path.is_dir() and (live_dir / "1-adapter").is_dir()
+        other.close()  # a clean shutdown removes its own directory only
+        assert not other.root.exists() and entry.path.is_dir() and (live_dir / "1-adapter").is_dir()
+        mine.close()
+        assert not mine.root.exists() and (live_dir / "1-adapter").is_dir()
+    assert AdapterCache(root, 4).root.parent == root and not live_dir.exists()  # now a dead one too
+
+
+async def test_adapter_cache_bytes_are_bounded_counting_evicted_adapters_still_in_use(tmp_path, monkeypatch):
+    from server.adapter_cache import AdapterCache, AdapterKey
+    from server.settings import Settings
+
+    monkeypatch.setenv("MTA_ADAPTER_CACHE_MAX_BYTES", "2500")
+    assert Settings(_env_file=None).adapter_cache_max_bytes == 2500
+    assert Settings(_env_file=None, adapter_cache_max_bytes=None).adapter_cache_max_bytes is None
+    cache = AdapterCache(tmp_path / "adapters", capacity=100, max_bytes=2500)
+
+    async def build(path: Path) -> None:
+        path.mkdir()
+        (path / "adapter_model.safetensors").write_bytes(b"\0" * 1000)
+
+    def on_disk() -> int:
+        return sum(f.stat().st_size for f in cache.root.rglob("*") if f.is_file())
+
+    keys = [AdapterKey("bank#1", ((f"a{i}", 1.0),), "cat") for i in range(5)]
+    async with cache.lease(keys[0], build) as (first, _):
+        async with cache.lease(keys[1], build) as (second, _):
+            pass
+        assert len(cache) == 2 and cache.bytes == 2000
+        async with cache.lease(keys[2], build) as (third, _):
+            # 3000 > 2500: the LRU adapter goes, but it is still in use (leased), so its bytes stay
+            # on disk and count: the next one goes too.
+            assert list(cache._entries) == [keys[2]] and cache.stats.evictions == 2
+            assert first.path.is_dir() and not second.path.exists()
+            assert cache.bytes == on_disk() == 2000
+    assert not first.path.exists() and cache.bytes == on_disk() == 1000  # its lease ended
+    for key in keys[3:]:
+        async with cache.lease(key, build):
+            assert cache.bytes == on_disk() <= 2500
+    assert list(cache._entries) == keys[3:] and not third.path.exists()
+    cache.invalidate()
+    assert cache.bytes == on_disk() == 0
+
+
+async def test_users_whose_stacked_loras_share_a_version_get_their_own_adapters(
+    local, redis_url, redis_key_prefix, tmp_path
+):
+    """A Redis that loses writes (a failover to a replica that missed them) may issue a blob
+    version twice: the stacked adapter's cache key has the user and the blob's content too."""
+    import torch
+
+    from server.adapters import LoraWeights, load_adapter
+    from server.fusion import materialize
+    from server.personalize import Personalizer
+    from server.stacking import STACKED_BLOB, stacked_to_bytes
+
+    store = RedisUserStore(redis_url, key_prefix=redis_key_prefix)
+    p = Personalizer(local.settings, store, local.personalizer.banks, local.cache, local.personalizer.metrics)
+    served = p.banks.current
+    like = next(iter(served.bank.loras.values()))
+
+    def stacked_lora(seed: int) -> bytes:
+        g = torch.Generator().manual_seed(seed)
+        a = {m: torch.randn(2, t.shape[1], generator=g) for m, t in like.a.items()}
+        b = {m: torch.randn(t.shape[0], 2, generator=g) for m, t in like.b.items()}
+        return stacked_to_bytes(LoraWeights(a=a, b=b, scaling=1.0), bank_version=served.version, job_id=f"ft-{seed}")
+
+    try:
+        users = ["twin-a", "twin-b"]
+        for user in users:  # one neighbourhood: one fused adapter for both
+            await p.put_profile(user, PROFILES["space"])
+        version = await store.put_blob(users[0], STACKED_BLOB, stacked_lora(1))
+        with redis.Redis.from_url(redis_url) as client:
+            client.decr(f"{redis_key_prefix}blob_version")  # the counter's last INCR was lost
+        assert await store.put_blob(users[1], STACKED_BLOB, stacked_lora(2)) == version
+
+        ctxs = [await p.context(user) for user in users]
+        assert [c.stacked.version for c in ctxs] == [version, version] and ctxs[0].plan == ctxs[1].plan
+        leases = {}
+        for ctx in ctxs:
+            async with p.adapter(ctx) as lease:
+                leases[ctx.user_id] = lease
+                served_lora = load_adapter(lease.path)
+                expected = tmp_path / f"expected-{ctx.user_id}"
+                materialize(served.bank, ctx.plan, expected, p.settings.max_lora_rank, ctx.stacked.lora())
+                own = load_adapter(expected)
+                for m in own.modules:  # the user's own stacked LoRA, not the other user's
+                    assert torch.equal(served_lora.b[m], own.b[m]) and torch.equal(served_lora.a[m], own.a[m]), m
+        assert leases["twin-a"].lora_int_id != leases["twin-b"].lora_int_id
+        assert not leases["twin-b"].cache_hit
+        # Deleting one user's stacked LoRA drops only that user's stacked adapter.
+        await p.delete_stacked("twin-a")
+        async with p.adapter(await p.context("twin-b")) as lease:
+            assert lease.lora_int_id == leases["twin-b"].lora_int_id and lease.cache_hit
+    finally:
+        await store.close()
+
+
+async def test_the_profile_bm25_index_is_built_once_per_profile_version_off_the_event_loop(local, monkeypatch, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from server import prompts
+    from server.generation import GenerationInput, Generator
+
+    builds: list[int] = []
+
+    class CountedBM25(prompts.BM25Okapi):
+        def __init__(self, corpus, *args, **kwargs) -> None:
+            builds.append(threading.get_ident())
+            super().__init__(corpus, *args, **kwargs)
+
+    monkeypatch.setattr(prompts, "BM25Okapi", CountedBM25)
+    p = local.personalizer
+    generator = Generator(local.settings, None, p, AutoTokenizer.from_pretrained(tiny_model_dir), p.metrics)
+    user, loop_thread = f"bm25-{uuid.uuid4().hex[:8]}", threading.get_ident()
+    await p.put_profile(user, THEMES["space"])  # three items: BM25's idf is 0 for every term of two
+    first = await p.context(user)
+    assert len(builds) == 1 and first.history_index is not None
+    assert first.history_index.top1("an alien creature hunts the crew") == first.history[1]
+    inp = GenerationInput(user_id=user, prompt="Which tag fits a movie about robots at war?")
+    ids = await generator.prompt_ids(inp, first, 16)
+    second = await p.context(user)  # the next request: the same index, nothing rebuilt
+    assert second.history_index is first.history_index
+    assert await generator.prompt_ids(inp, second, 16) == ids and len(builds) == 1
+    assert "galactic war" in generator.tokenizer.decode(ids)  # the BM25 top-1 item is in the prompt
+
+    await p.put_profile(user, THEMES["crime"])  # a new profile version: a new index
+    third = await p.context(user)
+    assert len(builds) == 2 and third.history_index is not first.history_index
+    assert third.history == [prompts.render_item(i, HISTORY_TEMPLATE) for i in THEMES["crime"]]
+    assert loop_thread not in builds  # built in a worker thread, never on the event loop

@@ -539,6 +539,85 @@ async def test_closed_store_refuses_job_calls(store: UserStore) -> None:
             await call
 
 
+async def test_update_job_writes_only_an_existing_record_in_an_expected_status(store: UserStore) -> None:
+    """Issue 14: a runner's writes after `delete_user` (heartbeat, result, failure) re-created the job."""
+    running = job("ft-1", USER, "running", step=1)
+    assert await store.update_job("ft-1", running, ["queued"]) is False  # never creates
+    assert await store.get_job("ft-1") is None and await store.list_jobs() == []
+
+    await store.put_job("ft-0", job("ft-0", USER))
+    await store.put_job("ft-1", job("ft-1", USER, examples=[["in", "out"]]))
+    assert await store.update_job("ft-1", running, ["running"]) is False  # not in that status: unchanged
+    assert (await store.get_job("ft-1"))["status"] == "queued"
+    assert await store.update_job("ft-1", running, ["queued"]) is True
+    assert_same_items(await store.get_job("ft-1"), running)
+    assert [j["job_id"] for j in await store.list_jobs()] == ["ft-0", "ft-1"]  # keeps its place
+    assert_same_items(await store.list_jobs(["running"]), [running])
+    assert await store.update_job("ft-1", {**running, "step": 2}, ("queued", "running")) is True
+    with pytest.raises(ValueError, match="another user"):
+        await store.update_job("ft-1", job("ft-1", "bystander", "running"), ["running"])
+    for bad in ([], "running", ["done"], None):
+        with pytest.raises(ValueError):
+            await store.update_job("ft-1", running, bad)  # type: ignore[arg-type]
+
+    # Deleted with its user: a late heartbeat or result writes nothing.
+    assert await store.delete_user(USER) is False
+    for status in ("running", "succeeded", "failed"):
+        assert await store.update_job("ft-1", job("ft-1", USER, status), ["queued", "running"]) is False
+    assert await store.get_job("ft-1") is None and await store.list_jobs() == []
+    assert await store.active_job_slots() == {} and await store.queued_job_ids() == []
+
+
+async def test_prune_jobs_deletes_only_jobs_that_ended_before_the_cutoff(store: UserStore) -> None:
+    now = time.time()
+    records = [
+        job("ft-old-ok", USER, "succeeded", finished_at=now - 100),
+        job("ft-active", USER, "running", finished_at=None),
+        job("ft-old-failed", "bystander", "failed", finished_at=now - 90),
+        job("ft-new-failed", USER, "failed", finished_at=now - 1),
+        job("ft-queued", "bystander"),
+        job("ft-no-time", USER, "failed"),  # indexed at the time of the write
+    ]
+    for record in records:
+        await store.put_job(record["job_id"], record)
+    assert await store.claim_active_job("bystander", "ft-old-failed") is None  # a slot left behind
+    assert await store.prune_jobs(now - 50, 1) == 1  # the oldest first
+    assert await store.get_job("ft-old-ok") is None
+    assert await store.prune_jobs(now - 50, 10) == 1
+    assert await store.prune_jobs(now - 50, 10) == 0
+    assert [j["job_id"] for j in await store.list_jobs()] == ["ft-active", "ft-new-failed", "ft-queued", "ft-no-time"]
+    assert await store.active_job_slots() == {}  # the pruned job's slot went with it
+
+    # A job indexes by its end when it ends, and only then.
+    assert await store.update_job("ft-active", job("ft-active", USER, "failed", finished_at=now - 60), ["running"])
+    assert await store.prune_jobs(now - 50, 10) == 1
+    assert await store.prune_jobs(now + 10, 10) == 2  # ft-new-failed, ft-no-time; never ft-queued
+    assert [j["job_id"] for j in await store.list_jobs()] == ["ft-queued"]
+    if isinstance(store, RedisUserStore):  # the indexes hold the candidates only, no scan of every job
+        client = store._client()
+        assert await client.zrange(store._active_jobs_key, 0, -1) == [b"ft-queued"]
+        assert await client.exists(store._finished_jobs_key) == 0
+    for bad in ((float("nan"), 1), (now, 0), (now, 1.5), (now, True)):
+        with pytest.raises(ValueError):
+            await store.prune_jobs(*bad)  # type: ignore[arg-type]
+
+
+async def test_active_job_slots_and_queued_job_ids_are_listed(store: UserStore) -> None:
+    assert await store.active_job_slots() == {} and await store.queued_job_ids() == []
+    for user, job_id in ((USER, "ft-1"), ("bystander", "ft-2"), ("third", "ft-3")):
+        await store.put_job(job_id, job(job_id, user))
+        assert await store.claim_active_job(user, job_id) is None
+        assert await store.enqueue_job(job_id, 10)
+    assert await store.active_job_slots() == {USER: "ft-1", "bystander": "ft-2", "third": "ft-3"}
+    assert await store.queued_job_ids() == ["ft-1", "ft-2", "ft-3"]
+    assert await store.dequeue_job(0) == "ft-1"
+    assert await store.release_active_job("bystander", "ft-2")
+    assert await store.delete_job("ft-3")
+    assert await store.delete_user(USER) is False
+    assert await store.active_job_slots() == {}
+    assert await store.queued_job_ids() == ["ft-2"]
+
+
 @pytest.mark.parametrize(
     ("items", "vector", "model"),
     [
@@ -719,6 +798,62 @@ async def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
 
 
 # --- open_store ----------------------------------------------------------------------
+
+
+async def test_sqlite_migration_indexes_ended_jobs_by_their_end(tmp_path: Path) -> None:
+    """A store of schema 2 (before `finished_at`): its ended jobs are pruned by the time they ended."""
+    from server.store.sqlite import _MIGRATIONS
+
+    path, now = tmp_path / "users.db", time.time()
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in (s for migration in _MIGRATIONS[:2] for s in migration):
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 2")
+    for record in (job("ft-old", status="failed", finished_at=now - 100), job("ft-run", status="running")):
+        conn.execute(
+            "INSERT INTO jobs (job_id, user_id, status, data) VALUES (?, ?, ?, ?)",
+            (record["job_id"], USER, record["status"], json.dumps(record)),
+        )
+    conn.close()
+    store = SQLiteUserStore(path)
+    try:
+        assert await store.prune_jobs(now - 50, 10) == 1
+        assert [j["job_id"] for j in await store.list_jobs(["running"])] == ["ft-run"]
+        assert await store.update_job("ft-run", job("ft-run", status="failed", finished_at=now - 60), ["running"])
+        assert await store.prune_jobs(now - 50, 10) == 1 and await store.list_jobs() == []
+    finally:
+        await store.close()
+
+
+async def test_redis_indexes_jobs_written_before_the_indexes(redis_url: str, redis_key_prefix: str) -> None:
+    """Jobs of an older server (no `active_jobs`/`finished_jobs`): found by the sweep's reads and pruned."""
+    import redis.asyncio as aioredis
+
+    now, prefix = time.time(), redis_key_prefix
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for seq, record in enumerate(
+            (job("ft-old", status="failed", finished_at=now - 100), job("ft-run", status="running")), start=1
+        ):
+            await client.hset(
+                f"{prefix}job:{record['job_id']}",
+                mapping={"user_id": USER, "status": record["status"], "data": json.dumps(record)},
+            )
+            await client.zadd(f"{prefix}jobs", {record["job_id"]: seq})
+            await client.zadd(f"{prefix}user_jobs:{USER}", {record["job_id"]: seq})
+        await client.set(f"{prefix}job_seq", 2)
+    finally:
+        await client.aclose()
+    store = RedisUserStore(redis_url, key_prefix=prefix)
+    try:
+        assert [j["job_id"] for j in await store.list_jobs(["running"])] == ["ft-run"]
+        assert await store.prune_jobs(now - 50, 10) == 1
+        assert await store.get_job("ft-old") is None
+        assert await store.update_job("ft-run", job("ft-run", status="failed", finished_at=now - 60), ["running"])
+        assert await store.list_jobs(["running"]) == []
+        assert await store.prune_jobs(now - 50, 10) == 1 and await store.list_jobs() == []
+    finally:
+        await store.close()
 
 
 async def test_open_store_sqlite_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

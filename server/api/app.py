@@ -44,11 +44,20 @@ async def build_services(settings: Settings) -> tuple[Services, JobRunner | None
     banks = BankRegistry(settings, model_id, model_config)
     _, served = await banks.load(resolve_bank_path(settings, model_path, model_id))
     metrics.set_bank(served.version)
-    cache = AdapterCache(settings.adapter_cache_dir, settings.adapter_cache_size)
-    metrics.watch_adapter_cache(cache)  # read at each scrape
     engine = Engine(settings, model_path, model_id)
+    cache = AdapterCache(
+        settings.adapter_cache_dir,
+        settings.adapter_cache_size,
+        settings.adapter_cache_max_bytes,
+        unload=engine.remove_lora,
+    )
+    metrics.watch_adapter_cache(cache)  # read at each scrape
     metrics.watch_engine(engine)
-    engine.start()
+    try:
+        engine.start()
+    except BaseException:
+        cache.close()  # this process exits: leave no directory behind
+        raise
     personalizer = Personalizer(settings, store, banks, cache, metrics)
     generator = Generator(settings, engine, personalizer, tokenizer, metrics)
     jobs = JobService(settings, store, personalizer)
@@ -125,6 +134,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 except (TimeoutError, asyncio.CancelledError):
                     log.warning("fine-tune runner did not stop in time")
             services.engine.shutdown()
+            services.cache.close()  # this server's adapter directory only (the root may be shared)
             await services.store.close()
 
     app = FastAPI(

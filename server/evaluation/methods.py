@@ -46,7 +46,10 @@ DEFAULT_METHODS = (
 )  # fmt: skip
 
 
-def parse_methods(text: str, *, classification: bool) -> list[Method]:
+def parse_methods(text: str | None, *, classification: bool) -> list[Method]:
+    """The methods named in `text`; None: DEFAULT_METHODS that apply to the task's kind."""
+    if text is None:
+        text = ",".join(n for n in DEFAULT_METHODS if classification or n not in CLASSIFICATION_ONLY)
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:

@@ -10,10 +10,11 @@
   `bmm` reads the weights at 5-9 GB/s on the benchmark CPU; the kernel reads them at about
   twice that (the step is memory-bound: every adapter's weights are read once).
 
-It needs AVX512-BF16 and a C++ compiler; it is compiled with
-`torch.utils.cpp_extension` on first use (30-60 s the first time on a machine, then cached
-in torch's extensions directory), before that step runs; if it cannot be built, the ops use
-`bmm`.
+It needs AVX512-BF16 and a C++ compiler; it is compiled with `torch.utils.cpp_extension`
+by `mta model prepare` (so by `make run` and in the CPU image) and again, from torch's
+extensions cache, when the server starts its engine (`build(strict=True)`). Without
+AVX512-BF16 or without a compiler the ops use `bmm`; a compiler that fails is an error, not
+a silent fallback to a slower path.
 
 `MTA_LORA_CPU_KERNEL=0` turns it off.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import weakref
 from pathlib import Path
@@ -54,8 +56,21 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in {"0", "false", "no", "off"} and _cpu_supported()
 
 
-def build() -> ModuleType | None:
-    """Compile (or load the cached build) now; None if it cannot be built."""
+class KernelBuildError(RuntimeError):
+    """The CPU supports the kernel and a compiler is installed, yet the kernel did not build."""
+
+
+def compiler() -> str | None:
+    """The C++ compiler torch's extension builder will run (`CXX`, else `c++`), if installed."""
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def build(*, strict: bool = False) -> ModuleType | None:
+    """Compile (or load the cached build) now; None if it cannot be built.
+
+    strict: raise KernelBuildError when it should build here (supported CPU, a compiler) but
+    does not, instead of falling back to `bmm`.
+    """
     global _module
     if _module is None and enabled():
         from torch.utils.cpp_extension import load
@@ -64,7 +79,9 @@ def build() -> ModuleType | None:
         try:
             _module = load("mta_lora_gemv", [str(SOURCE)], extra_cflags=FLAGS, verbose=False)
             log.info("MTA LoRA decode kernel ready (pid %d)", os.getpid())
-        except Exception as e:  # noqa: BLE001  (no compiler, headers, ...: any failure means bmm)
+        except Exception as e:  # noqa: BLE001  (no compiler, headers, ...)
+            if strict and compiler() is not None:
+                raise KernelBuildError(f"the MTA LoRA decode kernel failed to build with {compiler()}: {e}") from e
             log.warning("MTA LoRA decode kernel unavailable, using torch.bmm: %s", e)
     return _module
 

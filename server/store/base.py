@@ -30,6 +30,8 @@ MAX_JOB_ID_CHARS = 256
 
 # A fine-tune job's life: queued -> running -> succeeded | failed.
 JOB_STATUSES = frozenset({"queued", "running", "succeeded", "failed"})
+# A job in one of these has ended: its record is indexed by `finished_at`, for pruning.
+TERMINAL_JOB_STATUSES = frozenset({"succeeded", "failed"})
 
 
 class StoreError(Exception):
@@ -103,10 +105,18 @@ class UserStore(Protocol):
 
     async def put_job(self, job_id: str, data: dict[str, Any]) -> None:
         """Upsert a job record: a JSON object with this `job_id`, a `user_id`, a `status` (one of
-        `JOB_STATUSES`) and free fields. A job keeps its user and its place in the creation order:
-        if `job_id` already belongs to another user, nothing is written and `ValueError` is raised
-        (the one `ValueError` found by the store, not before I/O). No profile is needed, so a job
-        finishing after `delete_user` re-creates its record."""
+        `JOB_STATUSES`) and free fields; a terminal status also indexes it by its `finished_at`
+        (a number; the time of the write if absent). A job keeps its user and its place in the
+        creation order: if `job_id` already belongs to another user, nothing is written and
+        `ValueError` is raised (the one `ValueError` found by the store, not before I/O). No
+        profile is needed: it creates records (a submission); later writes use `update_job`."""
+        ...
+
+    async def update_job(self, job_id: str, data: dict[str, Any], from_statuses: Collection[str]) -> bool:
+        """Replace an existing record only while its status is one of `from_statuses`
+        (compare-and-set); False, with nothing written, if it is gone (deleted with its user,
+        pruned) or has moved on. Never creates a record, so a runner's heartbeat or result cannot
+        bring back a job deleted with its user. Another user's `job_id`: `ValueError`, as `put_job`."""
         ...
 
     async def get_job(self, job_id: str) -> dict[str, Any] | None: ...
@@ -120,6 +130,20 @@ class UserStore(Protocol):
         self, statuses: Collection[str] | None = None, user_id: str | None = None
     ) -> list[dict[str, Any]]:
         """Job records in creation order, optionally only those with one of `statuses` / of `user_id`."""
+        ...
+
+    async def prune_jobs(self, finished_before: float, limit: int) -> int:
+        """Delete up to `limit` records of jobs that ended (`TERMINAL_JOB_STATUSES`) before
+        `finished_before` (unix time), oldest first, found by an index (never a scan of every job);
+        how many were deleted."""
+        ...
+
+    async def active_job_slots(self) -> dict[str, str]:
+        """Every held active-job slot: user id -> the job id holding it (for the stale-job sweep)."""
+        ...
+
+    async def queued_job_ids(self) -> list[str]:
+        """The ids in the queue, oldest first, without removing them (for the stale-job sweep)."""
         ...
 
     async def claim_active_job(self, user_id: str, job_id: str) -> str | None:
@@ -187,10 +211,30 @@ def check_job_statuses(statuses: Collection[str] | None) -> frozenset[str] | Non
     return wanted
 
 
+def check_from_statuses(statuses: Collection[str]) -> frozenset[str]:
+    """The statuses a compare-and-set `update_job` accepts: at least one known status."""
+    wanted = check_job_statuses(statuses)
+    if not wanted:
+        raise ValueError(f"from_statuses must name at least one status, got {statuses!r}")
+    return wanted
+
+
 def check_max_queued(max_queued: int) -> int:
     if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 0:
         raise ValueError(f"max_queued must be a non-negative integer, got {max_queued!r}")
     return max_queued
+
+
+def check_limit(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    return limit
+
+
+def check_timestamp(when: float) -> float:
+    if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
+        raise ValueError(f"a time must be a finite number of seconds, got {when!r}")
+    return float(when)
 
 
 def check_timeout(timeout: float) -> float:
@@ -294,12 +338,14 @@ def decode_record(
 
 @dataclass(frozen=True)
 class EncodedJob:
-    """A validated job record in its stored form; `user_id` and `status` are copied out for indexing."""
+    """A validated job record in its stored form; `user_id`, `status` and (once it ended)
+    `finished_at` are copied out for indexing."""
 
     job_id: str
     user_id: str
     status: str
     data: str  # JSON object
+    finished_at: float | None  # set for TERMINAL_JOB_STATUSES only
 
 
 def encode_job(job_id: str, data: dict[str, Any]) -> EncodedJob:
@@ -312,7 +358,17 @@ def encode_job(job_id: str, data: dict[str, Any]) -> EncodedJob:
     status = data.get("status")
     if status not in JOB_STATUSES:
         raise ValueError(f"job status must be one of {sorted(JOB_STATUSES)}, got {status!r}")
-    return EncodedJob(job_id, user_id, status, _encode_json(data, "job fields"))
+    return EncodedJob(job_id, user_id, status, _encode_json(data, "job fields"), job_finished_at(status, data))
+
+
+def job_finished_at(status: str, data: dict[str, Any]) -> float | None:
+    """When a job ended, for the retention index: its `finished_at`, else now (a record without one)."""
+    if status not in TERMINAL_JOB_STATUSES:
+        return None
+    when = data.get("finished_at")
+    if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
+        return time.time()
+    return float(when)
 
 
 def decode_job(data: str | bytes) -> dict[str, Any]:

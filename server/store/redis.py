@@ -9,14 +9,21 @@ Keys (all under `key_prefix`):
     job:{job_id}      hash  user_id, status, data (the record as JSON)
     jobs              zset  every job id, scored by creation sequence number
     user_jobs:{id}    zset  the user's job ids, same scores, so `delete_user` finds every job
+    active_jobs       zset  queued and running job ids, same scores: what the stale-job sweep reads
+    finished_jobs     zset  ended job ids, scored by `finished_at`: what `prune_jobs` reads
+    job_indexes       str   "1" once `active_jobs` and `finished_jobs` cover every job (see below)
     job_seq           int   job creation counter
     active_job:{id}   str   the job id holding the user's active-job slot
+    active_users      set   users holding a slot, so the sweep finds every slot without a SCAN
     job_queue         list  queued job ids, oldest first (RPUSH, BLPOP)
 
 Read-modify-write steps are atomic: MULTI/EXEC for `put_profile`, `delete_blob` and
 `delete_user` (WATCHing the blob-name and job sets), Lua for the compare-and-set
 `set_embedding`, for `put_blob` (which must see the user exist and bump the counter in
-one step), `put_job`, the active-job slot and the bounded `enqueue_job`.
+one step), `put_job` and `update_job` (record and indexes in one step; `update_job` writes
+only an existing record in an expected status), the active-job slot and the bounded
+`enqueue_job`. A store written before `active_jobs`/`finished_jobs` existed gets them filled
+once (`_index_jobs`, one pass over `jobs`) before the first read that needs them.
 
 `dequeue_job` is a BLPOP, which waits longer than the 2 s socket timeout may allow: it
 runs on a second connection pool without a socket timeout, bounded instead by
@@ -43,6 +50,9 @@ from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .base import (
+    JOB_STATUSES,
+    TERMINAL_JOB_STATUSES,
+    EncodedJob,
     StoreError,
     StoreUnavailable,
     UserNotFound,
@@ -50,20 +60,28 @@ from .base import (
     check_blob_data,
     check_blob_name,
     check_job_id,
+    check_from_statuses,
     check_job_statuses,
+    check_limit,
     check_max_queued,
     check_timeout,
+    check_timestamp,
     check_user_id,
     decode_job,
     decode_record,
     encode_embedding,
     encode_job,
     encode_profile,
+    job_finished_at,
     redact_url,
 )
 
 # Shorter waits do not block: see `dequeue_job`.
 _MIN_BLOCKING_TIMEOUT = 0.01
+# Statuses indexed by `active_jobs` (the rest: `finished_jobs`).
+_ACTIVE_STATUSES = JOB_STATUSES - TERMINAL_JOB_STATUSES
+# Jobs read per round trip by the one-time `_index_jobs` pass.
+_INDEX_BATCH = 500
 
 _USER_FIELDS = ("items", "embedding", "embedding_model", "profile_version", "updated_at")
 
@@ -84,41 +102,67 @@ redis.call('SADD', KEYS[3], ARGV[1])
 return version
 """
 
-# KEYS: job hash, all-jobs zset, user-jobs zset, job counter. ARGV: job_id, user_id, status, data.
-# Returns 1, or 0 when the job exists under another user (nothing written).
+# KEYS: job hash, all-jobs zset, user-jobs zset, job counter, active-jobs zset, finished-jobs zset.
+# ARGV: job_id, user_id, status, data, finished_at ('' while active), mode, statuses...
+# Mode 'put' upserts; mode 'update' writes only an existing record whose status is one of ARGV[7..].
+# Returns 1 when written, 0 when an update found no such record, -1 when the job is another user's.
 _PUT_JOB = """
 local owner = redis.call('HGET', KEYS[1], 'user_id')
-if owner and owner ~= ARGV[2] then return 0 end
+if owner and owner ~= ARGV[2] then return -1 end
+if ARGV[6] == 'update' then
+    if not owner then return 0 end
+    local status, allowed = redis.call('HGET', KEYS[1], 'status'), false
+    for i = 7, #ARGV do
+        if ARGV[i] == status then allowed = true end
+    end
+    if not allowed then return 0 end
+end
 redis.call('HSET', KEYS[1], 'user_id', ARGV[2], 'status', ARGV[3], 'data', ARGV[4])
-if not owner then
-    local seq = redis.call('INCR', KEYS[4])
+local seq = owner and redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not seq then
+    seq = redis.call('INCR', KEYS[4])
     redis.call('ZADD', KEYS[2], seq, ARGV[1])
     redis.call('ZADD', KEYS[3], seq, ARGV[1])
+end
+if ARGV[5] == '' then
+    redis.call('ZADD', KEYS[5], seq, ARGV[1])
+    redis.call('ZREM', KEYS[6], ARGV[1])
+else
+    redis.call('ZREM', KEYS[5], ARGV[1])
+    redis.call('ZADD', KEYS[6], ARGV[5], ARGV[1])
 end
 return 1
 """
 
-# KEYS: active-job key. ARGV: job_id. Returns the other holder, or nil when ARGV[1] holds the slot.
+# KEYS: active-job key, active-users set. ARGV: job_id, user_id.
+# Returns the other holder, or nil when ARGV[1] holds the slot.
 _CLAIM_ACTIVE_JOB = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return holder end
 redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
 return false
 """
 
-# KEYS: active-job key. ARGV: job_id.
+# KEYS: active-job key, active-users set. ARGV: job_id, user_id.
 _RELEASE_ACTIVE_JOB = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SREM', KEYS[2], ARGV[2])
 return redis.call('DEL', KEYS[1])
 """
 
-# KEYS: job hash, all-jobs zset, user-jobs zset, active-job key, queue list. ARGV: job_id.
-# Returns 1 if the record existed.
+# KEYS: job hash, all-jobs zset, user-jobs zset, active-job key, queue list, active-jobs zset,
+# finished-jobs zset, active-users set. ARGV: job_id, user_id. Returns 1 if the record existed.
 _DELETE_JOB = """
 local existed = redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
-if redis.call('GET', KEYS[4]) == ARGV[1] then redis.call('DEL', KEYS[4]) end
+redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('ZREM', KEYS[7], ARGV[1])
+if redis.call('GET', KEYS[4]) == ARGV[1] then
+    redis.call('DEL', KEYS[4])
+    redis.call('SREM', KEYS[8], ARGV[2])
+end
 redis.call('LREM', KEYS[5], 0, ARGV[1])
 return existed
 """
@@ -154,6 +198,7 @@ class RedisUserStore:
         self._release_active_job = self._redis.register_script(_RELEASE_ACTIVE_JOB)
         self._enqueue_job = self._redis.register_script(_ENQUEUE_JOB)
         self._delete_job = self._redis.register_script(_DELETE_JOB)
+        self._jobs_indexed = False  # `_index_jobs` has seen the `job_indexes` marker (or set it)
 
     def __repr__(self) -> str:
         return f"RedisUserStore({self._where})"
@@ -213,8 +258,10 @@ class RedisUserStore:
             pipe.delete(names_key, *(self._blob_key(user_id, name.decode()) for name in names))
             pipe.srem(self._users_key, user_id)
             pipe.delete(jobs_key, self._active_job_key(user_id), *map(self._job_key, job_ids))
+            pipe.srem(self._active_users_key, user_id)
             if job_ids:
-                pipe.zrem(self._jobs_key, *job_ids)
+                for index in (self._jobs_key, self._active_jobs_key, self._finished_jobs_key):
+                    pipe.zrem(index, *job_ids)
             for job_id in job_ids:
                 pipe.lrem(self._queue_key, 0, job_id)
 
@@ -260,14 +307,29 @@ class RedisUserStore:
             return await self._client().scard(self._users_key)
 
     async def put_job(self, job_id: str, data: dict[str, Any]) -> None:
+        await self._write_job(encode_job(job_id, data), "put", ())
+
+    async def update_job(self, job_id: str, data: dict[str, Any], from_statuses: Collection[str]) -> bool:
         job = encode_job(job_id, data)
-        keys = [self._job_key(job_id), self._jobs_key, self._user_jobs_key(job.user_id), self._job_seq_key]
+        return await self._write_job(job, "update", sorted(check_from_statuses(from_statuses)))
+
+    async def _write_job(self, job: EncodedJob, mode: str, from_statuses: Collection[str]) -> bool:
+        """One `_PUT_JOB` call: the record and its indexes in one step."""
+        keys = [
+            self._job_key(job.job_id),
+            self._jobs_key,
+            self._user_jobs_key(job.user_id),
+            self._job_seq_key,
+            self._active_jobs_key,
+            self._finished_jobs_key,
+        ]
+        finished = "" if job.finished_at is None else repr(job.finished_at)
+        args = [job.job_id, job.user_id, job.status, job.data, finished, mode, *from_statuses]
         with self._errors():
-            written = await self._put_job(
-                keys=keys, args=[job_id, job.user_id, job.status, job.data], client=self._client()
-            )
-        if written == 0:
-            raise ValueError(f"job {job_id!r} belongs to another user than {job.user_id!r}")
+            written = await self._put_job(keys=keys, args=args, client=self._client())
+        if written == -1:
+            raise ValueError(f"job {job.job_id!r} belongs to another user than {job.user_id!r}")
+        return written == 1
 
     async def get_job(self, job_id: str) -> dict[str, Any] | None:
         check_job_id(job_id)
@@ -282,16 +344,28 @@ class RedisUserStore:
             # A job never changes user (`put_job`), so its user read first names the right keys.
             user_id = await client.hget(self._job_key(job_id), "user_id")
             if user_id is None:
-                await client.lrem(self._queue_key, 0, job_id)
+                async with client.pipeline(transaction=False) as pipe:
+                    pipe.lrem(self._queue_key, 0, job_id)
+                    pipe.zrem(self._active_jobs_key, job_id)
+                    pipe.zrem(self._finished_jobs_key, job_id)
+                    await pipe.execute()
                 return False
-            keys = [
-                self._job_key(job_id),
-                self._jobs_key,
-                self._user_jobs_key(user_id.decode()),
-                self._active_job_key(user_id.decode()),
-                self._queue_key,
-            ]
-            deleted = await self._delete_job(keys=keys, args=[job_id], client=client)
+            return await self._delete_job_of(job_id, user_id.decode())
+
+    async def _delete_job_of(self, job_id: str, user_id: str) -> bool:
+        """`_DELETE_JOB` for a job of `user_id` (a job never changes user, so its keys are known)."""
+        keys = [
+            self._job_key(job_id),
+            self._jobs_key,
+            self._user_jobs_key(user_id),
+            self._active_job_key(user_id),
+            self._queue_key,
+            self._active_jobs_key,
+            self._finished_jobs_key,
+            self._active_users_key,
+        ]
+        with self._errors():
+            deleted = await self._delete_job(keys=keys, args=[job_id, user_id], client=self._client())
         return deleted == 1
 
     async def list_jobs(
@@ -302,6 +376,10 @@ class RedisUserStore:
         index = self._jobs_key if user_id is None else self._user_jobs_key(check_user_id(user_id))
         if wanted is not None and not wanted:
             return []
+        by_activity = user_id is None and wanted is not None and wanted <= _ACTIVE_STATUSES
+        if by_activity:
+            await self._index_jobs()
+            index = self._active_jobs_key  # the sweep's reads touch active jobs only
         client = self._client()
         with self._errors():
             job_ids = [job_id.decode() for job_id in await client.zrange(index, 0, -1)]
@@ -310,7 +388,10 @@ class RedisUserStore:
                     for job_id in job_ids:
                         pipe.hget(self._job_key(job_id), "status")
                     found = await pipe.execute()
-                job_ids = [job_id for job_id, status in zip(job_ids, found) if status and status.decode() in wanted]
+                statuses_of = {job_id: status.decode() for job_id, status in zip(job_ids, found) if status}
+                if by_activity and (ended := [j for j in job_ids if statuses_of.get(j) not in _ACTIVE_STATUSES]):
+                    await client.zrem(self._active_jobs_key, *ended)  # left by a racing `_index_jobs`
+                job_ids = [job_id for job_id in job_ids if statuses_of.get(job_id) in wanted]
             if not job_ids:
                 return []
             async with client.pipeline(transaction=False) as pipe:
@@ -322,12 +403,48 @@ class RedisUserStore:
         jobs = [decode_job(data) for data in records if data is not None]
         return jobs if wanted is None else [job for job in jobs if job.get("status") in wanted]
 
+    async def prune_jobs(self, finished_before: float, limit: int) -> int:
+        before, limit = check_timestamp(finished_before), check_limit(limit)
+        await self._index_jobs()
+        client = self._client()
+        with self._errors():
+            # Exclusive bound: "(" + score, as SQLite's `finished_at < ?`.
+            found = await client.zrangebyscore(self._finished_jobs_key, "-inf", f"({before!r}", start=0, num=limit)
+            job_ids = [job_id.decode() for job_id in found]
+            if not job_ids:
+                return 0
+            async with client.pipeline(transaction=False) as pipe:
+                for job_id in job_ids:
+                    pipe.hget(self._job_key(job_id), "user_id")
+                owners = await pipe.execute()
+        pruned = 0
+        for job_id, owner in zip(job_ids, owners):
+            if owner is None:  # deleted meanwhile: only its index entry is left
+                with self._errors():
+                    await client.zrem(self._finished_jobs_key, job_id)
+            else:
+                pruned += await self._delete_job_of(job_id, owner.decode())
+        return pruned
+
+    async def active_job_slots(self) -> dict[str, str]:
+        client = self._client()
+        with self._errors():
+            users = sorted(user.decode() for user in await client.smembers(self._active_users_key))
+            if not users:
+                return {}
+            holders = await client.mget([self._active_job_key(user) for user in users])
+        return {user: holder.decode() for user, holder in zip(users, holders) if holder is not None}
+
+    async def queued_job_ids(self) -> list[str]:
+        with self._errors():
+            return [job_id.decode() for job_id in await self._client().lrange(self._queue_key, 0, -1)]
+
     async def claim_active_job(self, user_id: str, job_id: str) -> str | None:
         check_user_id(user_id)
         check_job_id(job_id)
         with self._errors():
             holder = await self._claim_active_job(
-                keys=[self._active_job_key(user_id)], args=[job_id], client=self._client()
+                keys=self._slot_keys(user_id), args=[job_id, user_id], client=self._client()
             )
         return None if holder is None else holder.decode()
 
@@ -336,7 +453,7 @@ class RedisUserStore:
         check_job_id(job_id)
         with self._errors():
             released = await self._release_active_job(
-                keys=[self._active_job_key(user_id)], args=[job_id], client=self._client()
+                keys=self._slot_keys(user_id), args=[job_id, user_id], client=self._client()
             )
         return released == 1
 
@@ -388,6 +505,45 @@ class RedisUserStore:
 
     # --- plumbing -------------------------------------------------------------------
 
+    async def _index_jobs(self) -> None:
+        """Once per store: put the jobs of a store written before `active_jobs` and `finished_jobs`
+        existed into them, then mark the store (`job_indexes`). Idempotent and safe to run
+        concurrently; a job written meanwhile is indexed by `_PUT_JOB` itself, and an entry this
+        pass adds from an older read is harmless (`list_jobs` re-checks status, `prune_jobs` the
+        record)."""
+        if self._jobs_indexed:
+            return
+        client = self._client()
+        with self._errors():
+            if await client.get(self._job_indexes_key) is None:
+                start = 0
+                while batch := await client.zrange(self._jobs_key, start, start + _INDEX_BATCH - 1, withscores=True):
+                    await self._index_batch(client, [(job_id.decode(), seq) for job_id, seq in batch])
+                    start += len(batch)
+                await client.set(self._job_indexes_key, "1")
+        self._jobs_indexed = True
+
+    async def _index_batch(self, client: aioredis.Redis, batch: list[tuple[str, float]]) -> None:
+        async with client.pipeline(transaction=False) as pipe:
+            for job_id, _ in batch:
+                pipe.hmget(self._job_key(job_id), ["status", "data"])
+            records = await pipe.execute()
+        active: dict[str, float] = {}
+        finished: dict[str, float] = {}
+        for (job_id, seq), (status, data) in zip(batch, records):
+            if status is None:
+                continue
+            if status.decode() in _ACTIVE_STATUSES:
+                active[job_id] = seq
+            else:
+                finished[job_id] = job_finished_at(status.decode(), decode_job(data)) or time.time()
+        async with client.pipeline(transaction=False) as pipe:
+            if active:
+                pipe.zadd(self._active_jobs_key, active)
+            if finished:
+                pipe.zadd(self._finished_jobs_key, finished)
+            await pipe.execute()
+
     def _user_key(self, user_id: str) -> str:
         return f"{self.key_prefix}user:{user_id}"
 
@@ -414,9 +570,29 @@ class RedisUserStore:
     def _active_job_key(self, user_id: str) -> str:
         return f"{self.key_prefix}active_job:{user_id}"
 
+    def _slot_keys(self, user_id: str) -> list[str]:
+        """The keys of the slot scripts: the user's slot, and the set of users holding one."""
+        return [self._active_job_key(user_id), self._active_users_key]
+
     @property
     def _jobs_key(self) -> str:
         return f"{self.key_prefix}jobs"
+
+    @property
+    def _active_jobs_key(self) -> str:
+        return f"{self.key_prefix}active_jobs"
+
+    @property
+    def _finished_jobs_key(self) -> str:
+        return f"{self.key_prefix}finished_jobs"
+
+    @property
+    def _job_indexes_key(self) -> str:
+        return f"{self.key_prefix}job_indexes"
+
+    @property
+    def _active_users_key(self) -> str:
+        return f"{self.key_prefix}active_users"
 
     @property
     def _job_seq_key(self) -> str:

@@ -30,9 +30,12 @@ from .base import (
     check_blob_data,
     check_blob_name,
     check_job_id,
+    check_from_statuses,
     check_job_statuses,
+    check_limit,
     check_max_queued,
     check_timeout,
+    check_timestamp,
     check_user_id,
     decode_job,
     decode_record,
@@ -66,7 +69,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     (
         # `seq` is the creation order; an upsert keeps the row, so a job keeps its place.
-        # No foreign key to users: a job finishing after `delete_user` may write its record.
+        # No foreign key to users: a job is submitted before `add_to_profile` creates the user.
         """CREATE TABLE jobs (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
             job_id TEXT NOT NULL UNIQUE,
@@ -86,6 +89,15 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             job_id TEXT NOT NULL
         )""",
         "CREATE INDEX job_queue_by_job ON job_queue (job_id)",
+    ),
+    (
+        # When a job ended (NULL while it is active), so `prune_jobs` finds old records by index.
+        "ALTER TABLE jobs ADD COLUMN finished_at REAL",
+        """UPDATE jobs SET finished_at = CASE
+               WHEN json_type(data, '$.finished_at') IN ('integer', 'real') THEN json_extract(data, '$.finished_at')
+               ELSE CAST(strftime('%s', 'now') AS REAL) END
+           WHERE status IN ('succeeded', 'failed')""",
+        "CREATE INDEX jobs_by_finish ON jobs (finished_at)",
     ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -233,14 +245,35 @@ class SQLiteUserStore:
         def write(conn: sqlite3.Connection) -> int:
             # The WHERE makes an upsert by another user a no-op (rowcount 0).
             return conn.execute(
-                """INSERT INTO jobs (job_id, user_id, status, data) VALUES (?, ?, ?, ?)
-                   ON CONFLICT (job_id) DO UPDATE SET status = excluded.status, data = excluded.data
+                """INSERT INTO jobs (job_id, user_id, status, data, finished_at) VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT (job_id) DO UPDATE SET
+                       status = excluded.status, data = excluded.data, finished_at = excluded.finished_at
                    WHERE user_id = excluded.user_id""",
-                (job.job_id, job.user_id, job.status, job.data),
+                (job.job_id, job.user_id, job.status, job.data, job.finished_at),
             ).rowcount
 
         if await self._run(write) != 1:
             raise ValueError(f"job {job_id!r} belongs to another user than {job.user_id!r}")
+
+    async def update_job(self, job_id: str, data: dict[str, Any], from_statuses: Collection[str]) -> bool:
+        job = encode_job(job_id, data)
+        allowed = sorted(check_from_statuses(from_statuses))
+
+        def write(conn: sqlite3.Connection) -> bool:
+            # UPDATE, never INSERT: a record deleted (with its user) stays deleted.
+            updated = conn.execute(
+                f"""UPDATE jobs SET status = ?, data = ?, finished_at = ?
+                    WHERE job_id = ? AND user_id = ? AND status IN ({', '.join('?' * len(allowed))})""",
+                (job.status, job.data, job.finished_at, job.job_id, job.user_id, *allowed),
+            ).rowcount
+            if updated == 1:
+                return True
+            owner = conn.execute("SELECT user_id FROM jobs WHERE job_id = ?", (job.job_id,)).fetchone()
+            if owner is not None and owner[0] != job.user_id:
+                raise ValueError(f"job {job_id!r} belongs to another user than {job.user_id!r}")
+            return False
+
+        return await self._run(write, transaction=True)
 
     async def get_job(self, job_id: str) -> dict[str, Any] | None:
         check_job_id(job_id)
@@ -275,6 +308,31 @@ class SQLiteUserStore:
         query = f"SELECT data FROM jobs WHERE {' AND '.join(where)} ORDER BY seq"
         rows = await self._run(lambda conn: conn.execute(query, params).fetchall())
         return [decode_job(row[0]) for row in rows]
+
+    async def prune_jobs(self, finished_before: float, limit: int) -> int:
+        before, limit = check_timestamp(finished_before), check_limit(limit)
+
+        def prune(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT job_id FROM jobs WHERE finished_at < ? ORDER BY finished_at LIMIT ?", (before, limit)
+            ).fetchall()
+            if not rows:
+                return 0
+            ids = [row[0] for row in rows]
+            marks = ", ".join("?" * len(ids))
+            conn.execute(f"DELETE FROM job_queue WHERE job_id IN ({marks})", ids)
+            conn.execute(f"DELETE FROM active_jobs WHERE job_id IN ({marks})", ids)
+            return conn.execute(f"DELETE FROM jobs WHERE job_id IN ({marks})", ids).rowcount
+
+        return await self._run(prune, transaction=True)
+
+    async def active_job_slots(self) -> dict[str, str]:
+        rows = await self._run(lambda conn: conn.execute("SELECT user_id, job_id FROM active_jobs").fetchall())
+        return dict(rows)
+
+    async def queued_job_ids(self) -> list[str]:
+        rows = await self._run(lambda conn: conn.execute("SELECT job_id FROM job_queue ORDER BY seq").fetchall())
+        return [row[0] for row in rows]
 
     async def claim_active_job(self, user_id: str, job_id: str) -> str | None:
         check_user_id(user_id)

@@ -24,6 +24,8 @@ async def get_bank(services: ServicesDep) -> dict:
         "adapter_cache": {
             "entries": len(cache),
             "capacity": cache.capacity,
+            "bytes": cache.bytes,
+            "max_bytes": cache.max_bytes,
             "hits": cache.stats.hits,
             "misses": cache.stats.misses,
             "evictions": cache.stats.evictions,
@@ -41,6 +43,7 @@ async def reload_bank(services: ServicesDep, body: ReloadRequest | None = None) 
         services.metrics.bank_reloads.labels(result="refused").inc()
         raise
     dropped = services.personalizer.on_bank_swap(old)
+    await services.cache.settle()  # the engine has let go of them too: their space is free on return
     services.metrics.set_bank(new.version)
     services.metrics.bank_reloads.labels(result="ok").inc()
     return {

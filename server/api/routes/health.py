@@ -38,6 +38,7 @@ async def readyz(services: ServicesDep):
         "status": "ready",
         "bank_version": services.banks.current.version,
         "model": services.engine.model_id,
+        "lora_path": services.engine.lora_path,
         "finetune_runner": runner,
     }
 
