@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 
@@ -21,7 +20,7 @@ async def run_worker(settings: Settings) -> None:
     model_path, model_id = resolve_model(settings)
     store = open_store(settings.resolved_store_url)
     await store.ping()
-    banks = BankRegistry(settings, model_id, json.loads((model_path / "config.json").read_text()))
+    banks = BankRegistry(settings, model_id, model_path)
     await banks.load(resolve_bank_path(settings, model_path, model_id))
     runner = JobRunner(settings, store, Personalizer(settings, store, banks), model_path, follow_bank=True)
     if failed := await runner.recover(all_running=False):

@@ -85,6 +85,13 @@ def tiny_model_config(tiny_model_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_targets(tiny_model_dir: Path):
+    from server.adapters.targets import ModelTargets
+
+    return ModelTargets.from_checkpoint(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
 def embedder():
     from server.embedding import DEFAULT_EMBEDDING_MODEL, Embedder, resolve_embedding_model
 

@@ -26,6 +26,7 @@ from server.bank.build import (
     split_items,
     split_users,
 )
+from server.adapters.targets import ModelTargets
 from server.bank.loader import load_bank
 from server.cli import main as mta
 from server.prompts import render_item
@@ -90,10 +91,10 @@ def built(tmp_path_factory, lamp_file, tiny_model_dir, embedder):
     return build_kept(tmp_path_factory.mktemp("built"), lamp_file, CONFIG, tiny_model_dir, embedder)
 
 
-def test_the_bank_loads_and_records_its_build(built, tiny_model_dir, tiny_model_config, lamp_users, embedder):
+def test_the_bank_loads_and_records_its_build(built, tiny_model_dir, tiny_model_targets, lamp_users, embedder):
     report, root = built
     bank = load_bank(
-        report.path, model_id=tiny_model_dir.name, model_config=tiny_model_config, embedding_dim=384, max_lora_rank=16
+        report.path, model_id=tiny_model_dir.name, targets=tiny_model_targets, embedding_dim=384, max_lora_rank=16
     )
     m = bank.manifest
     assert report.seconds < 120 and report.skipped == [] and len(report.trained) == 3
@@ -140,7 +141,7 @@ def test_a_meta_lora_lowers_the_loss_on_its_own_examples(built, tiny_model_dir, 
     bank = load_bank(
         report.path,
         model_id=tiny_model_dir.name,
-        model_config=json.loads((tiny_model_dir / "config.json").read_text()),
+        targets=ModelTargets.from_checkpoint(tiny_model_dir),
         embedding_dim=384,
         max_lora_rank=16,
     )
@@ -321,8 +322,8 @@ def built_task(tmp_path_factory, lamp_file, tiny_model_dir, embedder):
 
 
 def _load(path: Path, tiny_model_dir: Path, **kw):
-    config = json.loads((tiny_model_dir / "config.json").read_text())
-    return load_bank(path, model_id=tiny_model_dir.name, model_config=config, embedding_dim=384, max_lora_rank=16, **kw)
+    targets = ModelTargets.from_checkpoint(tiny_model_dir)
+    return load_bank(path, model_id=tiny_model_dir.name, targets=targets, embedding_dim=384, max_lora_rank=16, **kw)
 
 
 def test_a_task_init_bank_stores_the_shared_lora_once_and_records_its_recipe(built_task, tiny_model_dir):

@@ -414,7 +414,7 @@ def test_job_metrics_without_a_registry_do_nothing():
 
 
 @pytest.fixture
-async def jobs_env(tmp_path, tiny_model_dir, tiny_model_config, tiny_bank, one_torch_thread):
+async def jobs_env(tmp_path, tiny_model_dir, tiny_bank, one_torch_thread):
     """The real job service, runner and personalizer on a real SQLite store, with one Metrics."""
     from server.bank.registry import BankRegistry
     from server.jobs import JobRunner, JobService
@@ -432,7 +432,7 @@ async def jobs_env(tmp_path, tiny_model_dir, tiny_model_config, tiny_bank, one_t
         job_stale_seconds=5,
     )
     store = SQLiteUserStore(tmp_path / "users.db")
-    banks = BankRegistry(settings, tiny_model_dir.name, tiny_model_config)
+    banks = BankRegistry(settings, tiny_model_dir.name, tiny_model_dir)
     await banks.load(tiny_bank)
     metrics = Metrics()
     personalizer = Personalizer(settings, store, banks, None, metrics)

@@ -33,9 +33,9 @@ def test_softmax_temperature_and_rounding():
 
 
 @pytest.fixture(scope="module")
-def bank(tiny_bank, tiny_model_config, tiny_model_dir):
+def bank(tiny_bank, tiny_model_targets, tiny_model_dir):
     return load_bank(
-        tiny_bank, model_id=tiny_model_dir.name, model_config=tiny_model_config, embedding_dim=384, max_lora_rank=16
+        tiny_bank, model_id=tiny_model_dir.name, targets=tiny_model_targets, embedding_dim=384, max_lora_rank=16
     )
 
 

@@ -313,7 +313,7 @@ def test_a_refused_finetune_changes_nothing(redis_api, oom_redis):
 
 
 @pytest.fixture
-async def local(tmp_path, tiny_model_dir, tiny_model_config, tiny_bank, one_torch_thread):
+async def local(tmp_path, tiny_model_dir, tiny_bank, one_torch_thread):
     """The real job service, runner, personalizer and adapter cache on a real SQLite store."""
     from types import SimpleNamespace
 
@@ -335,7 +335,7 @@ async def local(tmp_path, tiny_model_dir, tiny_model_config, tiny_bank, one_torc
         job_stale_seconds=5,
     )
     store = SQLiteUserStore(tmp_path / "users.db")
-    banks = BankRegistry(settings, tiny_model_dir.name, tiny_model_config)
+    banks = BankRegistry(settings, tiny_model_dir.name, tiny_model_dir)
     await banks.load(tiny_bank)
     cache = AdapterCache(settings.adapter_cache_dir, settings.adapter_cache_size)
     personalizer = Personalizer(settings, store, banks, cache, Metrics())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -36,12 +35,11 @@ async def build_services(settings: Settings) -> tuple[Services, JobRunner | None
     from transformers import AutoTokenizer
 
     model_path, model_id = resolve_model(settings)
-    model_config = json.loads((model_path / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     metrics = Metrics()
     store = open_store(settings.resolved_store_url)
     await store.ping()
-    banks = BankRegistry(settings, model_id, model_config)
+    banks = BankRegistry(settings, model_id, model_path)
     _, served = await banks.load(resolve_bank_path(settings, model_path, model_id))
     metrics.set_bank(served.version)
     engine = Engine(settings, model_path, model_id)

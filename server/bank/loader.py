@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from server.adapters import (
     flatten,
     load_adapter,
 )
+from server.adapters.targets import ModelTargets
 from server.bank.index import AnchorIndex
 from server.bank.manifest import MANIFEST_FILE, BankManifest
 
@@ -56,9 +56,6 @@ class Bank:
         }
 
 
-_LAYER_MODULE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
-
-
 def module_shapes(model_config: dict[str, Any]) -> dict[str, tuple[int, int]]:
     """(in, out) features of each LoRA-able linear module of a Llama/Qwen2-style decoder layer."""
     hidden = model_config["hidden_size"]
@@ -75,27 +72,6 @@ def module_shapes(model_config: dict[str, Any]) -> dict[str, tuple[int, int]]:
         "up_proj": (hidden, inter),
         "down_proj": (inter, hidden),
     }
-
-
-def _check_lora_shapes(label: str, lora: LoraWeights, model_config: dict[str, Any]) -> list[str]:
-    shapes = module_shapes(model_config)
-    n_layers = model_config["num_hidden_layers"]
-    problems = []
-    for name in lora.modules:
-        m = _LAYER_MODULE.match(name)
-        if not m or m.group(3) not in shapes:
-            problems.append(f"{label}: module {name} is not a LoRA target of this model")
-            continue
-        if int(m.group(1)) >= n_layers:
-            problems.append(f"{label}: {name} names layer {m.group(1)}, the model has {n_layers}")
-            continue
-        fan_in, fan_out = shapes[m.group(3)]
-        a, b = lora.a[name], lora.b[name]
-        if a.shape[1] != fan_in or b.shape[0] != fan_out:
-            problems.append(
-                f"{label}: {name} maps {a.shape[1]}->{b.shape[0]}, the model's maps {fan_in}->{fan_out}"
-            )
-    return problems
 
 
 def flatten_anchors(loras: dict[str, LoraWeights]) -> dict[str, LoraWeights]:
@@ -140,14 +116,15 @@ def load_bank(
     path: Path,
     *,
     model_id: str,
-    model_config: dict[str, Any],
+    targets: ModelTargets,
     embedding_dim: int,
     max_lora_rank: int,
     fusion_mode: str | None = None,
     top_k: int | None = None,
     residual_scale: float | None = None,
 ) -> Bank:
-    """Read and validate a bank for the served model; raise BankError naming every problem.
+    """Read and validate a bank for the served model (`targets`: its linear layers); raise
+    BankError naming every problem.
 
     `fusion_mode`/`top_k`/`residual_scale` are the server's overrides of the bank defaults: the
     ranks must fit vLLM's `max_lora_rank` after fusion (cat adds ranks, linear keeps one, a
@@ -193,7 +170,7 @@ def load_bank(
             problems.append(
                 f"anchor {spec.id}: adapter targets {lora.target_modules} != manifest {sorted(spec.target_modules)}"
             )
-        problems += _check_lora_shapes(f"anchor {spec.id}", lora, model_config)
+        problems += targets.problems(f"anchor {spec.id}", lora)
         loras[spec.id] = lora
 
     shared = None
@@ -205,7 +182,7 @@ def load_bank(
         else:
             if shared.rank != spec.rank:
                 problems.append(f"shared LoRA: adapter rank {shared.rank} != manifest rank {spec.rank}")
-            problems += _check_lora_shapes("shared LoRA", shared, model_config)
+            problems += targets.problems("shared LoRA", shared)
 
     scale = manifest.fusion.residual_scale if residual_scale is None else residual_scale
     if scale == 0 and manifest.shared_lora is None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.adapters.targets import ModelTargets
 from server.bank.loader import Bank, BankError, fused_rank, load_bank, read_manifest
 from server.embedding import Embedder, resolve_embedding_model
 from server.prompts import render_item
@@ -45,10 +46,10 @@ class ServedBank:
 
 
 class BankRegistry:
-    def __init__(self, settings: Settings, model_id: str, model_config: dict[str, Any]) -> None:
+    def __init__(self, settings: Settings, model_id: str, model_path: Path) -> None:
         self.settings = settings
         self.model_id = model_id
-        self.model_config = model_config
+        self.targets = ModelTargets.from_checkpoint(model_path)  # what a served adapter may target
         self._current: ServedBank | None = None
         self._embedders: dict[Path, Embedder] = {}
         self._reload_lock = asyncio.Lock()
@@ -81,7 +82,7 @@ class BankRegistry:
         bank = load_bank(
             path,
             model_id=self.model_id,
-            model_config=self.model_config,
+            targets=self.targets,
             embedding_dim=embedder.dim,
             max_lora_rank=s.max_lora_rank,
             fusion_mode=s.fusion_mode,

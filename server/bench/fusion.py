@@ -28,6 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from server.adapters.targets import ModelTargets
 from server.bench import common
 
 DESCRIPTION = "build + materialize one user's adapter: ours vs PEFT add_weighted_adapter + save_pretrained"
@@ -207,9 +208,8 @@ class _Setup:
             embedding_model="bench",
             rank=opts.rank,
         )
-        self.bank = load_bank(
-            bank_path, model_id=model_dir.name, model_config=config, embedding_dim=self.dim, max_lora_rank=512
-        )
+        targets = ModelTargets.from_checkpoint(model_dir)
+        self.bank = load_bank(bank_path, model_id=model_dir.name, targets=targets, embedding_dim=self.dim, max_lora_rank=512)
         stacked = random_lora(config, rank=opts.stacked_rank, a_seed=7, b_seed=8)
         self.stacked_bytes = adapter_to_bytes(stacked, extra={"bank_version": self.bank.version, "job_id": "bench"})
         self.n_modules = len(stacked.modules)

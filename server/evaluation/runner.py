@@ -178,8 +178,7 @@ class AdapterBuilder:
         if key not in self._banks:
             overrides = {"fusion_mode": method.fusion_mode, "top_k": method.top_k, "residual_scale": method.residual_scale}
             settings = self.settings.model_copy(update={**overrides, "max_lora_rank": max(ALLOWED_MAX_LORA_RANKS)})
-            config = json.loads((self.cfg.model_dir / "config.json").read_text())
-            self._banks[key] = BankRegistry(settings, self.cfg.model_id, config).open(self.cfg.bank)
+            self._banks[key] = BankRegistry(settings, self.cfg.model_id, self.cfg.model_dir).open(self.cfg.bank)
         return self._banks[key]
 
     def fused(self, method: Method, user: EvalUser) -> LoraWeights:
