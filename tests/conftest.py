@@ -179,3 +179,31 @@ def client(server: ServerProcess):
 @pytest.fixture()
 def admin_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+async def job_services(store, tmp: Path, model_dir: Path, bank: Path, *, cache_size: int | None = None, **settings):
+    """The real job service, runner and personalizer (with an adapter cache of `cache_size`
+    entries, else none) on `store`, as `mta serve` wires them, for in-process tests."""
+    from types import SimpleNamespace
+
+    from server.adapter_cache import AdapterCache
+    from server.bank.registry import BankRegistry
+    from server.jobs import JobRunner, JobService
+    from server.metrics import Metrics
+    from server.personalize import Personalizer
+    from server.settings import Settings
+
+    config = Settings(
+        model_path=model_dir, bank_path=bank, data_dir=tmp / "data", adapter_cache_dir=tmp / "adapters",
+        dtype="float32", **settings,
+    )  # fmt: skip
+    banks = BankRegistry(config, model_dir.name, model_dir)
+    await banks.load(bank)
+    cache = AdapterCache(config.adapter_cache_dir, cache_size) if cache_size else None
+    metrics = Metrics()
+    personalizer = Personalizer(config, store, banks, cache, metrics)
+    return SimpleNamespace(
+        settings=config, store=store, cache=cache, metrics=metrics, personalizer=personalizer,
+        jobs=JobService(config, store, personalizer), runner=JobRunner(config, store, personalizer, model_dir),
+    )  # fmt: skip
+

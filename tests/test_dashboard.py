@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import JobMetrics, Metrics
 
-from .conftest import THEMES
+from .conftest import THEMES, job_services
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "mta-dashboard.json"
@@ -416,34 +416,10 @@ def test_job_metrics_without_a_registry_do_nothing():
 @pytest.fixture
 async def jobs_env(tmp_path, tiny_model_dir, tiny_bank, one_torch_thread):
     """The real job service, runner and personalizer on a real SQLite store, with one Metrics."""
-    from server.bank.registry import BankRegistry
-    from server.jobs import JobRunner, JobService
-    from server.personalize import Personalizer
-    from server.settings import Settings
     from server.store import SQLiteUserStore
 
-    settings = Settings(
-        model_path=tiny_model_dir,
-        bank_path=tiny_bank,
-        data_dir=tmp_path / "data",
-        adapter_cache_dir=tmp_path / "adapters",
-        dtype="float32",
-        finetune_queue_size=3,
-        job_stale_seconds=5,
-    )
     store = SQLiteUserStore(tmp_path / "users.db")
-    banks = BankRegistry(settings, tiny_model_dir.name, tiny_model_dir)
-    await banks.load(tiny_bank)
-    metrics = Metrics()
-    personalizer = Personalizer(settings, store, banks, None, metrics)
-    yield SimpleNamespace(
-        settings=settings,
-        store=store,
-        metrics=metrics,
-        personalizer=personalizer,
-        jobs=JobService(settings, store, personalizer),
-        runner=JobRunner(settings, store, personalizer, tiny_model_dir),
-    )
+    yield await job_services(store, tmp_path, tiny_model_dir, tiny_bank, finetune_queue_size=3, job_stale_seconds=5)
     await store.close()
 
 

@@ -9,14 +9,13 @@ import signal
 import sqlite3
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from server.errors import Conflict
 from server.store import RedisUserStore, SQLiteUserStore, StoreUnavailable, UserStore
 
-from .conftest import server_env
+from .conftest import job_services, server_env
 from .redis_server import redis_key_prefix  # noqa: F401 (fixture, for `reopen`)
 from .server_process import ServerProcess
 from .test_api_e2e import PROFILES, generate, put_profile
@@ -101,31 +100,9 @@ def test_restart_fails_the_running_job_and_keeps_serving(tmp_path, tiny_model_di
 
 
 @pytest.fixture
-async def jobs(store, tmp_path, tiny_model_dir, tiny_model_config, tiny_bank, one_torch_thread):
-    """The real job service, runner and personalizer (as `local` in test_lifecycle.py) on `store`."""
-    from server.bank.registry import BankRegistry
-    from server.jobs import JobRunner, JobService
-    from server.personalize import Personalizer
-    from server.settings import Settings
-
-    settings = Settings(
-        model_path=tiny_model_dir,
-        bank_path=tiny_bank,
-        data_dir=tmp_path / "data",
-        adapter_cache_dir=tmp_path / "adapters",
-        dtype="float32",
-        job_stale_seconds=30,
-    )
-    banks = BankRegistry(settings, tiny_model_dir.name, tiny_model_config)
-    await banks.load(tiny_bank)
-    personalizer = Personalizer(settings, store, banks)
-    return SimpleNamespace(
-        settings=settings,
-        store=store,
-        personalizer=personalizer,
-        jobs=JobService(settings, store, personalizer),
-        runner=JobRunner(settings, store, personalizer, tiny_model_dir),
-    )
+async def jobs(store, tmp_path, tiny_model_dir, tiny_bank, one_torch_thread):
+    """The real job service, runner and personalizer on `store` (every backend)."""
+    return await job_services(store, tmp_path, tiny_model_dir, tiny_bank, job_stale_seconds=30)
 
 
 def params(epochs: int = 1):

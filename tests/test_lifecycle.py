@@ -315,35 +315,10 @@ def test_a_refused_finetune_changes_nothing(redis_api, oom_redis):
 @pytest.fixture
 async def local(tmp_path, tiny_model_dir, tiny_bank, one_torch_thread):
     """The real job service, runner, personalizer and adapter cache on a real SQLite store."""
-    from types import SimpleNamespace
-
-    from server.adapter_cache import AdapterCache
-    from server.bank.registry import BankRegistry
-    from server.jobs import JobRunner, JobService
-    from server.metrics import Metrics
-    from server.personalize import Personalizer
-    from server.settings import Settings
-
-    settings = Settings(
-        model_path=tiny_model_dir,
-        bank_path=tiny_bank,
-        data_dir=tmp_path / "data",
-        adapter_cache_dir=tmp_path / "adapters",
-        adapter_cache_size=2,
-        dtype="float32",
-        job_timeout_seconds=1.5,
-        job_stale_seconds=5,
-    )
     store = SQLiteUserStore(tmp_path / "users.db")
-    banks = BankRegistry(settings, tiny_model_dir.name, tiny_model_dir)
-    await banks.load(tiny_bank)
-    cache = AdapterCache(settings.adapter_cache_dir, settings.adapter_cache_size)
-    personalizer = Personalizer(settings, store, banks, cache, Metrics())
-    runner = JobRunner(settings, store, personalizer, tiny_model_dir)
-    yield SimpleNamespace(
-        settings=settings, store=store, cache=cache, personalizer=personalizer,
-        jobs=JobService(settings, store, personalizer), runner=runner,
-    )  # fmt: skip
+    yield await job_services(
+        store, tmp_path, tiny_model_dir, tiny_bank, cache_size=2, job_timeout_seconds=1.5, job_stale_seconds=5
+    )
     await store.close()
 
 
