@@ -22,7 +22,7 @@ import redis
 
 from server.store import RedisUserStore, SQLiteUserStore, StoreUnavailable
 
-from .conftest import HISTORY_TEMPLATE, THEMES, server_env
+from .conftest import HISTORY_TEMPLATE, THEMES, job_services, server_env
 from .prerequisites import missing
 from .redis_server import RedisServer, delete_prefix, redis_key_prefix, start_redis_server  # noqa: F401
 from .server_process import ServerProcess
