@@ -98,7 +98,7 @@ def cmd_bank_build(args: argparse.Namespace) -> None:
     from server.bank.manifest import FusionDefaults
     from server.defaults import resolve_model
     from server.embedding import DEFAULT_EMBEDDING_MODEL
-    from server.training import ALL_LINEAR, TrainConfig
+    from server.training import TrainConfig
 
     _offline_setup(args.threads)
     try:
@@ -106,7 +106,7 @@ def cmd_bank_build(args: argparse.Namespace) -> None:
         train = TrainConfig(
             rank=args.rank,
             alpha=args.alpha or 2 * args.rank,
-            target_modules=tuple(args.targets or ALL_LINEAR),
+            target_modules=tuple(args.targets or ()),
             learning_rate=args.lr,
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--anchors", type=int, default=8, help="k: number of clusters / meta-LoRAs")
     build.add_argument("--rank", type=int, default=8)
     build.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 x rank)")
-    build.add_argument("--targets", nargs="+", metavar="MODULE", help="LoRA target modules (default: all 7 linear)")
+    build.add_argument("--targets", nargs="+", metavar="MODULE", help="LoRA target modules (default: every linear layer of the model's decoder layers)")
     build.add_argument("--epochs", type=int, default=2)
     build.add_argument("--lr", type=float, default=2e-4)
     build.add_argument("--batch-size", type=int, default=4)

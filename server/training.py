@@ -28,6 +28,7 @@ into the model object, so two jobs cannot share it at the same time).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import random
@@ -42,9 +43,9 @@ from typing import Any
 import torch
 
 from server.adapters import LoraWeights, fold_scaling, lora_from_peft_model
+from server.adapters.targets import ModelTargets
 from server.prompts import chat_prompt
 
-ALL_LINEAR: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IGNORE_INDEX = -100
 NEW_ADAPTER = "default"  # the LoRA being trained (PEFT's default name)
 BASE_ADAPTER = "frozen_base"  # the frozen adapter under it
@@ -57,7 +58,7 @@ class TrainConfig:
 
     rank: int = 8
     alpha: float = 16
-    target_modules: tuple[str, ...] = ALL_LINEAR
+    target_modules: tuple[str, ...] = ()  # () = every linear layer of the decoder, named by `with_targets`
     learning_rate: float = 2e-4
     epochs: int = 2
     batch_size: int = 4
@@ -73,8 +74,6 @@ class TrainConfig:
             problems.append(f"rank must be an integer >= 1, got {self.rank!r}")
         if not self.alpha > 0:
             problems.append(f"alpha must be > 0, got {self.alpha!r}")
-        if not self.target_modules:
-            problems.append("target_modules must not be empty")
         if not self.learning_rate > 0:
             problems.append(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -89,6 +88,14 @@ class TrainConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+    def with_targets(self, targets: ModelTargets) -> TrainConfig:
+        """The default targets named as this model has them (Llama's 7 projections, Phi-3's fused
+        `qkv_proj`/`gate_up_proj`, ...), so records and fingerprints say what was trained."""
+        if self.target_modules:
+            targets.select(self.target_modules)  # refuses kinds the model does not have
+            return self
+        return dataclasses.replace(self, target_modules=tuple(targets.kinds))
 
 
 @dataclass(frozen=True)
@@ -275,6 +282,7 @@ def _attached(
     if base_adapter is not None:
         layers.append((BASE_ADAPTER, _config_for(base_adapter), base_adapter))
     if new is not None:
+        new = new.with_targets(ModelTargets.of_module(model))
         layers.append((NEW_ADAPTER, _lora_config(new.rank, new.alpha, new.target_modules), None))
     elif adapter is not None:
         layers.append((NEW_ADAPTER, _config_for(adapter), adapter))

@@ -108,13 +108,14 @@ def theme_embeddings(embedder) -> np.ndarray:
 @pytest.fixture(scope="session")
 def make_bank(tmp_path_factory, tiny_model_dir, tiny_model_config, theme_embeddings):
     """Write a tiny random bank (one anchor per theme) on the tiny model; kwargs override defaults."""
+    from server.adapters.targets import ModelTargets
     from server.bank.manifest import FusionDefaults, TaskSpec
     from server.bank.random_bank import write_random_bank
     from server.embedding import DEFAULT_EMBEDDING_MODEL
 
     def make(name: str = "tiny", **kw) -> Path:
         args = dict(
-            model_config=tiny_model_config,
+            targets=ModelTargets.from_config(tiny_model_config),
             model_id=tiny_model_dir.name,
             anchor_ids=list(THEMES),
             anchor_embeddings=theme_embeddings,

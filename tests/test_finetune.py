@@ -6,15 +6,12 @@ import asyncio
 import time
 
 import pytest
-import torch
 
-from server.adapters import adapter_from_bytes, fuse, load_adapter, save_adapter
-from server.prompts import chat_prompt, render_item, retrieve_top1, user_content
+from server.adapters import adapter_from_bytes
 from server.stacking import STACKED_BLOB
 from server.store import open_store
 
-from .conftest import HISTORY_TEMPLATE
-from .test_api_e2e import PROFILES, PROMPT, generate, hf_model, put_profile  # noqa: F401 (fixture)
+from .test_api_e2e import PROFILES, PROMPT, generate, hf_model, peft_greedy, put_profile  # noqa: F401 (fixture)
 
 EXAMPLES = [
     {"input": "Which tag fits a movie about robots on Mars?", "output": "comedy"},
@@ -55,7 +52,6 @@ def stored_stacked(server, user_id: str):
 
 
 def test_finetune_trains_and_serves_fused_plus_stacked_exactly(client, server, tiny_bank, hf_model, tmp_path):  # noqa: F811
-    from peft import PeftModel
 
     put_profile(client, "ft-a", PROFILES["space"])
     put_profile(client, "ft-b", PROFILES["romance"])
@@ -79,19 +75,11 @@ def test_finetune_trains_and_serves_fused_plus_stacked_exactly(client, server, t
     # transformers + PEFT with the fused and the stacked adapters both active.
     version, data = stored_stacked(server, "ft-a")
     assert version == job["stacked_version"]
-    fused = fuse(after["fusion_mode"], [load_adapter(tiny_bank / "loras" / a["id"]) for a in after["anchors"]], [a["weight"] for a in after["anchors"]])
-    save_adapter(fused, tmp_path / "fused", base_model_name_or_path="tiny")
-    save_adapter(adapter_from_bytes(data), tmp_path / "stacked", base_model_name_or_path="tiny")
-    model, tok = hf_model
-    peft_model = PeftModel.from_pretrained(model, tmp_path / "fused", adapter_name="fused")
-    peft_model.load_adapter(tmp_path / "stacked", adapter_name="stacked")
-    peft_model.base_model.set_adapter(["fused", "stacked"])
-    history = [render_item(i, HISTORY_TEMPLATE) for i in PROFILES["space"]]
-    ids = chat_prompt(tok, [{"role": "user", "content": user_content(PROMPT, retrieve_top1(history, PROMPT))}])
-    with torch.no_grad():
-        out = peft_model.eval().generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-    peft_model.unload()
-    assert after["token_ids"] == out[0, len(ids):].tolist()
+    expected = peft_greedy(
+        hf_model, tiny_bank, after["anchors"], after["fusion_mode"], PROFILES["space"], PROMPT, 12, tmp_path,
+        stacked=adapter_from_bytes(data),
+    )  # fmt: skip
+    assert after["token_ids"] == expected
 
     # Isolation: B is untouched; GET shows A's stored bytes.
     b = generate(client, "ft-b")

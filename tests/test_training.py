@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from server.adapters import save_adapter, stack
+from server.adapters.targets import ModelTargets
 from server.bank.random_bank import random_lora
 from server.prompts import chat_prompt, user_content
 from server.training import (
@@ -109,7 +110,7 @@ def test_answer_only_loss_equals_the_models_own_loss_and_gradients(model, tok, t
     eot = end_of_turn_id(tok)
     batch = _collate([encode_example(tok, ex, 512) for ex in EXAMPLES[:3]], eot)  # padded rows
     assert (batch["attention_mask"] == 0).any()
-    with _attached(model, new=FAST, base_adapter=random_lora(tiny_model_config, rank=2, b_std=0.5, b_seed=3)) as peft_model:
+    with _attached(model, new=FAST, base_adapter=random_lora(ModelTargets.from_config(tiny_model_config), rank=2, b_std=0.5, b_seed=3)) as peft_model:
         params = [p for p in peft_model.parameters() if p.requires_grad]
         ours, n = _answer_loss(peft_model, batch)
         assert n == int((batch["labels"] != IGNORE_INDEX).sum())
@@ -148,7 +149,8 @@ def test_training_lowers_the_loss_and_leaves_the_model_unchanged(model, tok):
     assert result.initial_loss > 5.0  # random tiny model: "comedy<|im_end|>" is unlikely
     assert result.final_loss < result.initial_loss - 3.0, (result.initial_loss, result.final_loss)
     assert result.lora.rank == 4 and result.lora.scaling == 2.0
-    assert result.lora.target_modules == sorted(FAST.target_modules)
+    # the default targets: every linear layer of the (Llama) model, found in the model
+    assert result.lora.target_modules == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     assert len(result.lora.modules) == 2 * 7  # 2 layers x all linear modules
     # the loss numbers are what mean_loss says about the base and the trained adapter (in bf16 autocast, as trained)
     assert mean_loss(model, tok, EXAMPLES, bf16_autocast=True) == pytest.approx(result.initial_loss, rel=1e-6)
@@ -197,7 +199,7 @@ def test_base_adapter_is_exact_and_the_stack_serves_what_was_trained(
     model, tok, tiny_model_dir, tiny_model_config, tmp_path
 ):
     before = snapshot(model)
-    base = random_lora(tiny_model_config, rank=4, b_std=0.5, b_seed=3)
+    base = random_lora(ModelTargets.from_config(tiny_model_config), rank=4, b_std=0.5, b_seed=3)
     save_adapter(base, tmp_path / "base", base_model_name_or_path="tiny")
     plain = mean_loss(model, tok, EXAMPLES)
     with_base = mean_loss(model, tok, EXAMPLES, base_adapter=base)

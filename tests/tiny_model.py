@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
+ARCHS = ("llama", "qwen2", "mistral", "phi3")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in SmolLM2
 
 # Plain ChatML (no default system prompt, to keep prompts short for 512 positions).
@@ -104,7 +105,7 @@ def build_tiny_model(
     initializer_range: float = 0.3,
     tie_word_embeddings: bool = False,
 ) -> Path:
-    """Write a tiny random-init ``LlamaForCausalLM``/``Qwen2ForCausalLM`` to ``out_dir``.
+    """Write a tiny random-init causal LM of one of ``ARCHS`` (Llama by default) to ``out_dir``.
 
     2 layers, hidden 128, 2 heads of dim 64 (1 KV head, i.e. GQA like SmolLM2),
     intermediate 256, 2048 positions, float32 safetensors, a byte-level BPE tokenizer with
@@ -164,8 +165,16 @@ def build_tiny_model(
         from transformers import Qwen2Config
 
         config = Qwen2Config(use_sliding_window=False, **common)  # head_dim = 128 / 2
+    elif arch == "mistral":
+        from transformers import MistralConfig
+
+        config = MistralConfig(head_dim=64, sliding_window=None, **common)
+    elif arch == "phi3":
+        from transformers import Phi3Config
+
+        config = Phi3Config(sliding_window=None, **common)  # fused qkv_proj and gate_up_proj
     else:
-        raise ValueError(f"unknown arch {arch!r}; expected 'llama' or 'qwen2'")
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -55,6 +55,7 @@ import numpy as np
 
 from server.adapters import load_adapter, save_adapter
 from server.adapters.peft_io import _move_into_place
+from server.adapters.targets import ModelTargets
 from server.bank.manifest import (
     EMBEDDINGS_FILE,
     MANIFEST_FILE,
@@ -505,6 +506,9 @@ def build_bank(
 
     model = load_base_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
+    targets = ModelTargets.of_module(model)
+    config = dataclasses.replace(config, train=config.train.with_targets(targets), task_train=config.task_train.with_targets(targets))
+    train = config.train
     trainer = _CachedTrainer(work, model, tokenizer, _model_fingerprint(model_dir, model_id), model_id, progress)
     splits = {u.user_id: split_items(u, config.validation_items) for u in pool}
     validation = {u.user_id: heldout_examples(*splits[u.user_id], task) for u in pool}

@@ -56,24 +56,6 @@ class Bank:
         }
 
 
-def module_shapes(model_config: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each LoRA-able linear module of a Llama/Qwen2-style decoder layer."""
-    hidden = model_config["hidden_size"]
-    heads = model_config["num_attention_heads"]
-    kv_heads = model_config.get("num_key_value_heads") or heads
-    head_dim = model_config.get("head_dim") or hidden // heads
-    inter = model_config["intermediate_size"]
-    return {
-        "q_proj": (hidden, heads * head_dim),
-        "k_proj": (hidden, kv_heads * head_dim),
-        "v_proj": (hidden, kv_heads * head_dim),
-        "o_proj": (heads * head_dim, hidden),
-        "gate_proj": (hidden, inter),
-        "up_proj": (hidden, inter),
-        "down_proj": (inter, hidden),
-    }
-
-
 def flatten_anchors(loras: dict[str, LoraWeights]) -> dict[str, LoraWeights]:
     """Each anchor in one float32 buffer; anchors with the same modules and shapes share a layout.
 

@@ -12,53 +12,47 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from server.adapters import LoraWeights, get_scaling, save_adapter
-from server.bank.loader import module_shapes
+from server.adapters.targets import ModelTargets
 from server.bank.manifest import EMBEDDINGS_FILE, MANIFEST_FILE, AnchorSpec, BankManifest, EmbeddingSpec, FusionDefaults, TaskSpec
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LAMP_MOVIES = Path(__file__).resolve().parents[2] / "bank_artifacts" / "data" / "movie_tagging.json"
 
 
 def random_lora(
-    model_config: dict[str, Any],
+    targets: ModelTargets,
     *,
     rank: int,
-    target_modules: Sequence[str] = ALL_LINEAR,
+    target_modules: Sequence[str] | None = None,
     lora_alpha: float | None = None,
     a_seed: int = 0,
     b_seed: int = 1,
     b_std: float = 0.02,
 ) -> LoraWeights:
-    """A LoRA with PEFT-style A init (shared `a_seed`, as MTA banks share one init) and random B."""
-    shapes = module_shapes(model_config)
+    """A LoRA with PEFT-style A init (shared `a_seed`, as MTA banks share one init) and random B,
+    on the model's linear layers of the `target_modules` kinds (every one by default)."""
     ga, gb = torch.Generator().manual_seed(a_seed), torch.Generator().manual_seed(b_seed)
     a, b = {}, {}
-    for layer in range(model_config["num_hidden_layers"]):
-        for target in target_modules:
-            part = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            name = f"model.layers.{layer}.{part}.{target}"
-            fan_in, fan_out = shapes[target]
-            a[name] = (torch.rand(rank, fan_in, generator=ga) * 2 - 1) / fan_in**0.5  # [r, in]
-            b[name] = torch.randn(fan_out, rank, generator=gb) * b_std  # [out, r]
+    for name, (fan_in, fan_out) in targets.select(target_modules).items():
+        a[name] = (torch.rand(rank, fan_in, generator=ga) * 2 - 1) / fan_in**0.5  # [r, in]
+        b[name] = torch.randn(fan_out, rank, generator=gb) * b_std  # [out, r]
     return LoraWeights(a=a, b=b, scaling=get_scaling(lora_alpha or 2 * rank, rank))
 
 
 def write_random_bank(
     out: Path,
     *,
-    model_config: dict[str, Any],
+    targets: ModelTargets,
     model_id: str,
     anchor_ids: Sequence[str],
     anchor_embeddings: np.ndarray,
     embedding_model: str,
     rank: int = 8,
-    target_modules: Sequence[str] = ALL_LINEAR,
+    target_modules: Sequence[str] | None = None,
     b_std: float = 0.02,
     seed: int = 0,
     fusion: FusionDefaults = FusionDefaults(),
@@ -75,11 +69,11 @@ def write_random_bank(
         anchors = []
         for i, anchor_id in enumerate(anchor_ids):
             lora = random_lora(
-                model_config, rank=rank, target_modules=target_modules, a_seed=seed, b_seed=seed + 1 + i, b_std=b_std
+                targets, rank=rank, target_modules=target_modules, a_seed=seed, b_seed=seed + 1 + i, b_std=b_std
             )
             save_adapter(lora, tmp / "loras" / anchor_id, base_model_name_or_path=model_id)
             anchors.append(
-                AnchorSpec(id=anchor_id, cluster_size=1, rank=rank, target_modules=sorted(target_modules), lora_path=f"loras/{anchor_id}")
+                AnchorSpec(id=anchor_id, cluster_size=1, rank=rank, target_modules=lora.target_modules, lora_path=f"loras/{anchor_id}")
             )
         np.save(tmp / EMBEDDINGS_FILE, np.asarray(anchor_embeddings, dtype=np.float32))
         manifest = BankManifest(
@@ -114,7 +108,7 @@ def write_random_demo_bank(out: Path, *, model_path: Path, model_id: str, n_anch
     embeddings = np.stack([embedder.embed_user([render_item(i, template) for i in u["profile"]]) for u in users])
     return write_random_bank(
         out,
-        model_config=json.loads((model_path / "config.json").read_text()),
+        targets=ModelTargets.from_config(json.loads((model_path / "config.json").read_text())),
         model_id=model_id,
         anchor_ids=[f"lamp2m-{u['user_id']}" for u in users],
         anchor_embeddings=embeddings,

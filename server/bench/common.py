@@ -178,13 +178,14 @@ def write_user_bank(
     With weight rounding off (MTA_WEIGHT_ROUND_STEP=0) each of these users retrieves itself first and
     a neighbour second with its own weights, so every user gets a distinct fused adapter.
     """
+    from server.adapters.targets import ModelTargets
     from server.bank.manifest import FusionDefaults, TaskSpec
     from server.bank.random_bank import write_random_bank
     from server.embedding import DEFAULT_EMBEDDING_MODEL
 
     return write_random_bank(
         out,
-        model_config=model_config(model_dir),
+        targets=ModelTargets.from_config(model_config(model_dir)),
         model_id=Path(model_dir).name,
         anchor_ids=[f"lamp2m-{u['user_id']}" for u in users],
         anchor_embeddings=user_embeddings(users),

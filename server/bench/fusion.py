@@ -195,22 +195,21 @@ class _Setup:
 
         self.opts = opts
         self.model_dir = model_dir
-        config = common.model_config(model_dir)
+        targets = ModelTargets.from_config(common.model_config(model_dir))
         rng = np.random.default_rng(0)
         self.dim = 384
         anchor_ids = [f"a{i:03d}" for i in range(opts.anchors)]
         bank_path = write_random_bank(
             work / "bank",
-            model_config=config,
+            targets=targets,
             model_id=model_dir.name,
             anchor_ids=anchor_ids,
             anchor_embeddings=rng.standard_normal((opts.anchors, self.dim)).astype(np.float32),
             embedding_model="bench",
             rank=opts.rank,
         )
-        targets = ModelTargets.from_checkpoint(model_dir)
         self.bank = load_bank(bank_path, model_id=model_dir.name, targets=targets, embedding_dim=self.dim, max_lora_rank=512)
-        stacked = random_lora(config, rank=opts.stacked_rank, a_seed=7, b_seed=8)
+        stacked = random_lora(targets, rank=opts.stacked_rank, a_seed=7, b_seed=8)
         self.stacked_bytes = adapter_to_bytes(stacked, extra={"bank_version": self.bank.version, "job_id": "bench"})
         self.n_modules = len(stacked.modules)
         self.out = common.tmpfs_dir("mta-bench-fusion-")

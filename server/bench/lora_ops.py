@@ -85,17 +85,18 @@ def prepare_job(opts: argparse.Namespace, workdir: Path, workloads: list[str]) -
     from transformers import AutoTokenizer
 
     from server.adapters import save_adapter
+    from server.adapters.targets import ModelTargets
     from server.bank.random_bank import random_lora
     from server.model_prep import default_cache_dir, prepare_smollm2
     from server.prompts import chat_prompt, render_item, retrieve_top1, user_content
 
     model_dir = prepare_smollm2(default_cache_dir())
-    config = json.loads((model_dir / "config.json").read_text())
+    targets = ModelTargets.from_config(json.loads((model_dir / "config.json").read_text()))
     adapters = []
     for i in range(opts.prompts):
         path = workdir / "adapters" / f"a{i:03d}"
         if not (path / "adapter_config.json").is_file():
-            lora = random_lora(config, rank=opts.rank, a_seed=i, b_seed=10_000 + i)
+            lora = random_lora(targets, rank=opts.rank, a_seed=i, b_seed=10_000 + i)
             save_adapter(lora, path, base_model_name_or_path=str(model_dir), dtype=_bf16())
         adapters.append(str(path))
 

@@ -25,11 +25,12 @@ from typing import Any
 
 from server.bench import common
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = None  # every linear layer of the model's decoder layers (ModelTargets.select)
 OPPU_TARGETS = ("q_proj", "v_proj")
 
 # meta-llama/Meta-Llama-3-8B(-Instruct) config.json, the fields that fix LoRA shapes.
 LLAMA3_8B_CONFIG: dict[str, Any] = {
+    "model_type": "llama",
     "hidden_size": 4096,
     "intermediate_size": 14336,
     "num_hidden_layers": 32,
@@ -59,20 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def lora_shapes(config: dict[str, Any], rank: int, targets: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    """PEFT tensor names -> shapes of a LoRA of `rank` on `targets` in every layer."""
+def lora_shapes(config: dict[str, Any], rank: int, targets: tuple[str, ...] | None) -> dict[str, tuple[int, ...]]:
+    """PEFT tensor names -> shapes of a LoRA of `rank` on the `targets` kinds of every layer."""
     from server.adapters.peft_io import PEFT_PREFIX
-    from server.bank.loader import module_shapes
+    from server.adapters.targets import ModelTargets
 
-    shapes = module_shapes(config)
     out: dict[str, tuple[int, ...]] = {}
-    for layer in range(config["num_hidden_layers"]):
-        for t in targets:
-            part = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            name = f"{PEFT_PREFIX}model.layers.{layer}.{part}.{t}"
-            fan_in, fan_out = shapes[t]
-            out[f"{name}.lora_A.weight"] = (rank, fan_in)
-            out[f"{name}.lora_B.weight"] = (fan_out, rank)
+    for module, (fan_in, fan_out) in ModelTargets.from_config(config).select(targets).items():
+        out[f"{PEFT_PREFIX}{module}.lora_A.weight"] = (rank, fan_in)
+        out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = (fan_out, rank)
     return out
 
 
@@ -93,26 +89,27 @@ def safetensors_bytes(shapes: dict[str, tuple[int, ...]], dtype: str, metadata: 
 
 
 def lora_bytes(
-    config: dict[str, Any], rank: int, targets: tuple[str, ...], dtype: str = "F32", stacked: bool = False
+    config: dict[str, Any], rank: int, targets: tuple[str, ...] | None, dtype: str = "F32", stacked: bool = False
 ) -> int:
     metadata = {"bank_version": "x" * 24, "job_id": "ft-" + "0" * 16} if stacked else {}
     metadata.update({"rank": str(rank), "scaling": repr(1.0)})
     return safetensors_bytes(lora_shapes(config, rank, targets), dtype, metadata)
 
 
-def lora_params(config: dict[str, Any], rank: int, targets: tuple[str, ...]) -> int:
+def lora_params(config: dict[str, Any], rank: int, targets: tuple[str, ...] | None) -> int:
     total = 0
     for shape in lora_shapes(config, rank, targets).values():
         total += shape[0] * shape[1]
     return total
 
 
-def measured_bytes(config: dict[str, Any], rank: int, targets: tuple[str, ...], stacked: bool = False) -> int:
+def measured_bytes(config: dict[str, Any], rank: int, targets: tuple[str, ...] | None, stacked: bool = False) -> int:
     """Serialize a random LoRA with the server's own code: what the user store would hold."""
     from server.adapters import adapter_to_bytes
+    from server.adapters.targets import ModelTargets
     from server.bank.random_bank import random_lora
 
-    lora = random_lora(config, rank=rank, target_modules=targets)
+    lora = random_lora(ModelTargets.from_config(config), rank=rank, target_modules=targets)
     extra = {"bank_version": "x" * 24, "job_id": "ft-" + "0" * 16} if stacked else None
     return len(adapter_to_bytes(lora, extra=extra))
 

@@ -32,6 +32,7 @@ from server.adapters import (
     save_adapter,
     stack,
 )
+from server.adapters.targets import ModelTargets
 from server.bank.build import LAMP2M_TAGS, Task, leave_one_out_examples
 from server.evaluation.folds import Fold, make_folds, read_manifest_json
 from server.evaluation.methods import Method
@@ -70,6 +71,16 @@ class EvalConfig:
     resamples: int = 1000
     seed: int = 0
     folds: int = 1  # 2: also swap anchor pool and held-out users (a second bank), to evaluate every user
+
+    def with_model_targets(self) -> EvalConfig:
+        """Every training config's default targets named as the model has them (recorded, fingerprinted)."""
+        targets = ModelTargets.from_config(json.loads((self.model_dir / "config.json").read_text()))
+        return dataclasses.replace(
+            self,
+            task_train=self.task_train.with_targets(targets),
+            oppu_train=self.oppu_train.with_targets(targets),
+            stack_train=self.stack_train.with_targets(targets),
+        )
 
 
 @dataclass
@@ -383,6 +394,7 @@ def _timed(timings: dict[str, Any], key: str) -> Iterator[None]:
 
 def run(cfg: EvalConfig) -> dict[str, Any]:
     started = time.perf_counter()
+    cfg = cfg.with_model_targets()
     timings: dict[str, Any] = {}
     users, queries = load_task_users(cfg.data, cfg.task)
     with _timed(timings, "fold2_bank") if cfg.folds == 2 else contextlib.nullcontext():
