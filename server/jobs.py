@@ -26,7 +26,7 @@ from server.metrics import JobMetrics
 from server.personalize import Personalizer
 from server.settings import Settings
 from server.stacking import STACKED_BLOB, stack_config, stacked_to_bytes, train_stacked, training_examples
-from server.store import StoreUnavailable, UserStore
+from server.store import ProfileChanged, StoreUnavailable, UserStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -167,8 +167,11 @@ class JobService:
             await self._withdraw(job_id)
             raise TooManyRequests(f"the fine-tune queue is full ({s.finetune_queue_size} jobs); retry later")
         if items is not None:
-            try:
-                await self.personalizer.put_profile(user_id, items)
+            try:  # on the profile the items were added to: a write in between refuses this job (409)
+                await self.personalizer.put_profile(user_id, items, expected_version=job["awaits_profile_version"])
+            except ProfileChanged as e:
+                await self._withdraw(job_id)
+                raise Conflict(f"the profile of {user_id!r} changed while the fine-tune was submitted; retry") from e
             except BaseException:
                 await self._withdraw(job_id)
                 raise

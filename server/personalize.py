@@ -15,13 +15,15 @@ import torch
 from server.adapter_cache import AdapterCache, AdapterKey
 from server.adapters import LoraWeights, save_adapter, serving_dtype
 from server.bank.registry import BankRegistry, ServedBank
-from server.errors import InvalidInput, NotFound
+from server.errors import Conflict, InvalidInput, NotFound
 from server.fusion import FusionPlan, materialize, plan_fusion
 from server.metrics import Metrics
 from server.prompts import ProfileIndex
 from server.settings import Settings
 from server.stacking import STACKED_BLOB, StackedBlob
-from server.store import UserRecord, UserStore
+from server.store import ProfileChanged, UserRecord, UserStore
+
+APPEND_ATTEMPTS = 8  # conditional writes an append tries before answering 409 (each loses only to another write)
 
 
 def zero_lora(like: LoraWeights) -> LoraWeights:
@@ -143,23 +145,35 @@ class Personalizer:
             round_step=self.settings.weight_round_step,
         )
 
-    async def put_profile(self, user_id: str, items: list[dict[str, Any]]) -> UserContext:
+    async def put_profile(
+        self, user_id: str, items: list[dict[str, Any]], *, expected_version: int | None = None
+    ) -> UserContext:
         self.validate_items(items)
         served = self.banks.current
         history = [served.render(i) for i in items]
         embedding = await asyncio.to_thread(served.embedder.embed_user, history)
-        record = await self.store.put_profile(user_id, items, embedding, served.embedding_model)
+        record = await self.store.put_profile(
+            user_id, items, embedding, served.embedding_model, expected_version=expected_version
+        )
         return UserContext(user_id, served, record, self._plan(served, record), history)
 
     async def append_items(self, user_id: str, items: list[dict[str, Any]]) -> tuple[UserContext, int]:
         """Append history items (creating the profile if absent) and keep the newest
-        `max_profile_items` (a rolling window); re-embeds the user. Returns (context, dropped)."""
+        `max_profile_items` (a rolling window); re-embeds the user. Returns (context, dropped).
+
+        A read-modify-write: the write is conditional on the version read, and redone on top of
+        a concurrent write, so two appends at once both land."""
         self.validate_items(items)
-        record = await self.store.get_user(user_id)
-        merged = (list(record.items) if record is not None else []) + list(items)
-        keep = self.settings.max_profile_items
-        dropped = max(0, len(merged) - keep)
-        return await self.put_profile(user_id, merged[dropped:]), dropped
+        for _ in range(APPEND_ATTEMPTS):
+            record = await self.store.get_user(user_id)
+            merged = (list(record.items) if record is not None else []) + list(items)
+            dropped = max(0, len(merged) - self.settings.max_profile_items)
+            version = record.profile_version if record is not None else 0
+            try:
+                return await self.put_profile(user_id, merged[dropped:], expected_version=version), dropped
+            except ProfileChanged:
+                continue
+        raise Conflict(f"the profile of {user_id!r} kept changing during {APPEND_ATTEMPTS} attempts to append; retry")
 
     async def context(self, user_id: str, *, missing_ok: bool = False) -> UserContext:
         """The user's fusion plan on the current bank; re-embeds a profile from another embedding model.

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from server.store import (
+    ProfileChanged,
     RedisUserStore,
     SQLiteUserStore,
     StoreError,
@@ -173,6 +174,35 @@ async def test_profile_version_increments_and_replaces(store: UserStore) -> None
         assert_same_items(read.items, items)  # replaced, never merged
         times.append(read.updated_at)
     assert times == sorted(times)
+
+
+async def test_conditional_profile_write_applies_only_at_the_expected_version(store: UserStore) -> None:
+    with pytest.raises(ProfileChanged, match="version 0, not 1"):
+        await store.put_profile("u", ITEMS, embedding(1), MODEL, expected_version=1)
+    assert await store.get_user("u") is None  # nothing written
+    assert (await store.put_profile("u", ITEMS, embedding(1), MODEL, expected_version=0)).profile_version == 1
+    with pytest.raises(ProfileChanged, match="version 1, not 0"):
+        await store.put_profile("u", ITEMS[:1], embedding(2), MODEL, expected_version=0)
+    assert (await store.put_profile("u", ITEMS[:1], embedding(2), MODEL, expected_version=1)).profile_version == 2
+    read = await store.get_user("u")
+    assert read.profile_version == 2 and len(read.items) == 1
+
+    # Read-modify-write appends racing each other: each retries on a conflict, none is lost.
+    async def append(i: int) -> None:
+        while True:
+            record = await store.get_user("u")
+            await asyncio.sleep(0)  # let the others read the same version
+            try:
+                await store.put_profile(
+                    "u", [*record.items, {"text": f"append {i}"}], None, None, expected_version=record.profile_version
+                )
+                return
+            except ProfileChanged:
+                continue
+
+    await asyncio.gather(*(append(i) for i in range(8)))
+    texts = [item["text"] for item in (await store.get_user("u")).items]
+    assert sorted(texts[1:]) == sorted(f"append {i}" for i in range(8))
 
 
 async def test_set_embedding_compare_and_set(store: UserStore) -> None:

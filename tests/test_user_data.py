@@ -65,6 +65,24 @@ def test_append_items_creates_appends_and_keeps_newest(server: ServerProcess) ->
         assert c.get(f"/users/{user}").json()["profile_version"] == body["profile_version"]
 
 
+def test_concurrent_appends_all_land(server: ServerProcess) -> None:
+    """Appends are read-modify-writes: racing ones must each land, not overwrite each other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    user = f"race-{uuid.uuid4().hex[:8]}"
+    n = MAX_ITEMS - 1
+
+    def append(i: int) -> int:
+        with server.client() as c:
+            return c.post(f"/users/{user}/items", json={"items": _items(f"batch{i}", 1)}).status_code
+
+    with ThreadPoolExecutor(n) as pool:
+        assert list(pool.map(append, range(n))) == [200] * n
+    with server.client() as c:
+        view = c.get(f"/users/{user}").json()
+        assert view["profile_items"] == n and view["profile_version"] == n, view
+
+
 @pytest.mark.parametrize(
     "payload",
     [{"items": []}, {"items": [{"description": "   "}]}, {"items": [{"description": "x" * 30000}]}, {"item": []}, []],

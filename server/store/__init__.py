@@ -10,12 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import JOB_STATUSES, StoreError, StoreUnavailable, UserNotFound, UserRecord, UserStore, redact_url
+from .base import (
+    JOB_STATUSES,
+    ProfileChanged,
+    StoreError,
+    StoreUnavailable,
+    UserNotFound,
+    UserRecord,
+    UserStore,
+    redact_url,
+)
 from .redis import RedisUserStore
 from .sqlite import SQLiteUserStore
 
 __all__ = [
     "JOB_STATUSES",
+    "ProfileChanged",
     "RedisUserStore",
     "SQLiteUserStore",
     "StoreError",

@@ -47,6 +47,10 @@ class UserNotFound(StoreError):
     """The operation needs an existing profile (e.g. `put_blob` after `delete_user`)."""
 
 
+class ProfileChanged(StoreError):
+    """A conditional profile write found another version than the one it was based on."""
+
+
 @dataclass(frozen=True, eq=False)
 class UserRecord:
     """A user's profile as stored. `eq=False`: numpy arrays have no boolean `==`."""
@@ -76,8 +80,14 @@ class UserStore(Protocol):
         items: list[dict[str, Any]],
         embedding: np.ndarray | None,
         embedding_model: str | None,
+        *,
+        expected_version: int | None = None,
     ) -> UserRecord:
-        """Replace the whole profile atomically and bump `profile_version`."""
+        """Replace the whole profile atomically and bump `profile_version`.
+
+        With `expected_version` (0: no profile yet) the write applies only if the profile is
+        still at that version, else `ProfileChanged`: a read-modify-write (an append) based on
+        a profile another writer has replaced meanwhile must not overwrite it."""
         ...
 
     async def set_embedding(

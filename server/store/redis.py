@@ -53,6 +53,7 @@ from .base import (
     JOB_STATUSES,
     TERMINAL_JOB_STATUSES,
     EncodedJob,
+    ProfileChanged,
     StoreError,
     StoreUnavailable,
     UserNotFound,
@@ -215,6 +216,8 @@ class RedisUserStore:
         items: list[dict[str, Any]],
         embedding: np.ndarray | None,
         embedding_model: str | None,
+        *,
+        expected_version: int | None = None,
     ) -> UserRecord:
         check_user_id(user_id)
         profile = encode_profile(items, embedding, embedding_model)
@@ -222,14 +225,22 @@ class RedisUserStore:
         fields: dict[str, Any] = {"items": profile.items, "updated_at": repr(profile.updated_at)}
         if profile.embedding is not None:
             fields |= {"embedding": profile.embedding, "embedding_model": profile.embedding_model}
+
+        async def write(pipe: Pipeline) -> None:
+            # With an expected version the key is WATCHed (by `transaction`): a write in between retries.
+            if expected_version is not None:
+                current = int(await pipe.hget(key, "profile_version") or 0)
+                if current != expected_version:
+                    raise ProfileChanged(f"profile of {user_id!r} is at version {current}, not {expected_version}")
+            pipe.multi()
+            pipe.hdel(key, "embedding", "embedding_model")
+            pipe.hset(key, mapping=fields)
+            pipe.hincrby(key, "profile_version", 1)
+            pipe.sadd(self._users_key, user_id)
+
         with self._errors():
-            async with self._client().pipeline(transaction=True) as pipe:
-                pipe.hdel(key, "embedding", "embedding_model")
-                pipe.hset(key, mapping=fields)
-                pipe.hincrby(key, "profile_version", 1)
-                pipe.sadd(self._users_key, user_id)
-                _, _, version, _ = await pipe.execute()
-        return profile.to_record(user_id, version)
+            results = await self._client().transaction(write, key)
+        return profile.to_record(user_id, results[2])
 
     async def set_embedding(
         self, user_id: str, embedding: np.ndarray, embedding_model: str, expected_profile_version: int

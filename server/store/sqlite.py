@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .base import (
+    ProfileChanged,
     StoreError,
     StoreUnavailable,
     UserNotFound,
@@ -150,11 +151,17 @@ class SQLiteUserStore:
         items: list[dict[str, Any]],
         embedding: np.ndarray | None,
         embedding_model: str | None,
+        *,
+        expected_version: int | None = None,
     ) -> UserRecord:
         check_user_id(user_id)
         profile = encode_profile(items, embedding, embedding_model)
 
         def write(conn: sqlite3.Connection) -> int:
+            if expected_version is not None:
+                row = conn.execute("SELECT profile_version FROM users WHERE user_id = ?", (user_id,)).fetchone()
+                if (row[0] if row else 0) != expected_version:
+                    raise ProfileChanged(f"profile of {user_id!r} is at version {row[0] if row else 0}, not {expected_version}")
             # UPSERT, not REPLACE: REPLACE deletes the row first and the cascade would drop the blobs.
             conn.execute(
                 """INSERT INTO users (user_id, items, embedding, embedding_model, profile_version, updated_at)
