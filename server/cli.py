@@ -94,10 +94,11 @@ def _offline_setup(threads: int | None) -> None:
 def cmd_bank_build(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from server.bank.build import BankBuildError, BuildConfig, build_bank, make_task
+    from server.bank.build import BankBuildError, BuildConfig, build_bank
     from server.bank.manifest import FusionDefaults
     from server.defaults import resolve_model
     from server.embedding import DEFAULT_EMBEDDING_MODEL
+    from server.tasks import make_task
     from server.training import TrainConfig
 
     _offline_setup(args.threads)
@@ -193,26 +194,22 @@ def cmd_bank_show(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from server.bank.build import BankBuildError, make_task
+    from server.bank.build import BankBuildError
     from server.defaults import resolve_model
+    from server.evaluation.config import EvalConfig
     from server.evaluation.methods import parse_methods
     from server.evaluation.report import markdown_table
-    from server.evaluation.runner import (
-        MAX_NEW_TOKENS,
-        TASK_KIND,
-        TASK_LABELS,
-        EvalConfig,
-        format_timings,
-        run,
-    )
+    from server.evaluation.runner import format_timings, run
     from server.settings import Settings
     from server.stacking import stack_config
+    from server.tasks import make_task, scoring
     from server.training import TrainConfig
 
     _offline_setup(args.threads)
     try:
         task = make_task(args.task, args.history_template, args.prompt_template, args.answer_field)
-        kind = args.metric or TASK_KIND.get(task.name, "generation")
+        known = scoring(task.name)
+        kind = args.metric or known.metric
         methods = parse_methods(args.methods, classification=kind == "classification")
         if args.bank is None and any(m.bank for m in methods):
             raise ValueError("the mta_* methods need --bank")
@@ -226,11 +223,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
             model_id=model_id,
             bank=args.bank,
             kind=kind,
-            labels=TASK_LABELS.get(task.name, ()),
+            labels=known.labels,
             n_few_shot=args.few_shot,
             max_users=args.max_users,
             holdout_fraction=args.holdout_fraction,
-            max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS.get(task.name, 32),
+            max_new_tokens=args.max_new_tokens or known.max_new_tokens,
             dtype=args.dtype,
             task_train=TrainConfig(epochs=args.task_epochs),
             oppu_train=TrainConfig(rank=8, alpha=16, learning_rate=args.user_lr, epochs=args.user_epochs, batch_size=2),

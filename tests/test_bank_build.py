@@ -11,25 +11,24 @@ import pytest
 import torch
 
 from server.adapters import fuse
+from server.adapters.targets import ModelTargets
 from server.bank.build import (
     SHARED_LORA_DIR,
-    TASKS,
     BankBuildError,
     BuildConfig,
     User,
     build_bank,
     choose_anchors,
+    heldout_examples,
     leave_one_out_examples,
     load_users,
-    heldout_examples,
-    make_task,
     split_items,
     split_users,
 )
-from server.adapters.targets import ModelTargets
 from server.bank.loader import load_bank
 from server.cli import main as mta
 from server.prompts import render_item
+from server.tasks import TASKS, TaskError, make_task
 from server.training import TrainConfig, load_base_model, load_tokenizer, mean_loss
 
 from .conftest import server_env
@@ -270,11 +269,11 @@ def test_generic_tasks_come_from_templates():
         "5",
     )
     assert make_task("news_headline").answer_field == "title"
-    with pytest.raises(BankBuildError, match="give --history-template and --prompt-template"):
+    with pytest.raises(TaskError, match="give --history-template and --prompt-template"):
         make_task("reviews")
-    with pytest.raises(BankBuildError, match="give --answer-field"):
+    with pytest.raises(TaskError, match="give --answer-field"):
         make_task("x", "A: {a} B: {b} C: {c}", "Q: {a}")
-    with pytest.raises(BankBuildError, match="shows the answer field"):
+    with pytest.raises(TaskError, match="shows the answer field"):
         make_task("x", "A: {a} B: {b}", "Q: {a} {b}", answer_field="b")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.bank.build import TASKS, User
+from server.bank.build import User
 from server.evaluation.methods import parse_methods
 from server.evaluation.metrics import (
     accuracy,
@@ -22,11 +22,11 @@ from server.evaluation.metrics import (
     score,
 )
 from server.evaluation.protocol import eval_users
-from server.evaluation.runner import TASK_LABELS
+from server.tasks import TASKS, scoring
 
 from .test_bank_build import LAMP_MOVIES, short
 
-TAGS = TASK_LABELS["movie_tagging"]
+TAGS = scoring("movie_tagging").labels
 
 
 def test_labels_are_compared_as_lamp_does():
@@ -200,8 +200,13 @@ def built_bank(tmp_path_factory, lamp_file, tiny_model_dir, embedder, one_torch_
 
 
 def test_two_folds_evaluate_every_user_once_with_both_banks(tmp_path, lamp_file, tiny_model_dir, built_bank):
-    from server.evaluation.folds import build_config_from_manifest, fold2_build_config, make_folds, read_manifest_json
-    from server.evaluation.runner import EvalConfig
+    from server.evaluation.config import EvalConfig
+    from server.evaluation.folds import (
+        build_config_from_manifest,
+        fold2_build_config,
+        make_folds,
+        read_manifest_json,
+    )
 
     out = tmp_path / "eval"
     cmd = eval_cmd(

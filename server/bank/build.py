@@ -43,7 +43,6 @@ import math
 import os
 import re
 import shutil
-import string
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -67,7 +66,8 @@ from server.bank.manifest import (
     TaskSpec,
 )
 from server.embedding import DEFAULT_EMBEDDING_MODEL
-from server.prompts import render_item, retrieve_top1, user_content
+from server.prompts import retrieve_top1, user_content
+from server.tasks import Task
 from server.training import Example, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -80,111 +80,6 @@ _ANCHOR_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 
 class BankBuildError(ValueError):
     """Bad input for a bank build (data file, task, settings); the message says what and where."""
-
-
-# --- tasks -------------------------------------------------------------------------------
-
-LAMP2M_TAGS = (
-    "sci-fi, based on a book, comedy, action, twist ending, dystopia, dark comedy, classic, psychology, "
-    "fantasy, romance, thought-provoking, social commentary, violence, true story"
-)
-
-
-def _fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
-
-
-@dataclass(frozen=True)
-class Task:
-    """How a history item becomes text (embedding, BM25 context) and a training example.
-
-    `history_template` renders an item (it is what the server renders, via the manifest's
-    task); `prompt_template` is the instruction for a left-out item, in the style of the
-    task's queries; `answer_field` is the item field the model must produce.
-    """
-
-    name: str
-    history_template: str
-    prompt_template: str
-    answer_field: str
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not _fields(self.history_template):
-            problems.append(f"history template {self.history_template!r} names no {{field}}")
-        if not _fields(self.prompt_template):
-            problems.append(f"prompt template {self.prompt_template!r} names no {{field}}")
-        if self.answer_field in _fields(self.prompt_template):
-            problems.append(f"the prompt template shows the answer field {{{self.answer_field}}}")
-        if problems:
-            raise BankBuildError(f"task {self.name!r}: " + "; ".join(problems))
-
-    @property
-    def item_fields(self) -> list[str]:
-        """Fields every profile item needs."""
-        return sorted({*_fields(self.history_template), *_fields(self.prompt_template), self.answer_field})
-
-    def render(self, item: Mapping[str, Any]) -> str:
-        return render_item(item, self.history_template)
-
-    def instruction(self, item: Mapping[str, Any]) -> str:
-        return self.prompt_template.format(**{k: item[k] for k in _fields(self.prompt_template)})
-
-    def answer(self, item: Mapping[str, Any]) -> str:
-        return str(item[self.answer_field])
-
-
-TASKS: dict[str, Task] = {
-    # LaMP-2M: the instruction is LaMP's query input for the item ("... tags: [...] description: ...").
-    "movie_tagging": Task(
-        name="movie_tagging",
-        history_template="Description: {description} Tag: {tag}",
-        prompt_template=(
-            "Which tag does this movie relate to among the following tags? Just answer with the tag name "
-            f"without further explanation. tags: [{LAMP2M_TAGS}] description: {{description}}"
-        ),
-        answer_field="tag",
-    ),
-    # LaMP-4: "Generate a headline for the following article: <text>".
-    "news_headline": Task(
-        name="news_headline",
-        history_template="Article: {text} Headline: {title}",
-        prompt_template="Generate a headline for the following article: {text}",
-        answer_field="title",
-    ),
-}
-
-
-def make_task(
-    name: str,
-    history_template: str | None = None,
-    prompt_template: str | None = None,
-    answer_field: str | None = None,
-) -> Task:
-    """A known task (templates may be overridden) or a generic one given by its templates.
-
-    A generic task's answer field defaults to the one field of the history template that
-    the prompt template does not show.
-    """
-    known = TASKS.get(name)
-    history_template = history_template or (known.history_template if known else None)
-    prompt_template = prompt_template or (known.prompt_template if known else None)
-    if not history_template or not prompt_template:
-        raise BankBuildError(
-            f"task {name!r} is not one of {sorted(TASKS)}: give --history-template and --prompt-template"
-        )
-    if answer_field is None:
-        if known and known.answer_field in _fields(history_template):
-            answer_field = known.answer_field
-        else:
-            candidates = sorted(set(_fields(history_template)) - set(_fields(prompt_template)))
-            if len(candidates) != 1:
-                raise BankBuildError(
-                    f"cannot tell the answer field of task {name!r} from the templates (history-only fields: "
-                    f"{candidates}): give --answer-field"
-                )
-            answer_field = candidates[0]
-    return Task(name, history_template, prompt_template, answer_field)
 
 
 # --- users -------------------------------------------------------------------------------

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.bank.build import BankBuildError, BuildConfig, Task, User, build_bank
+from server.bank.build import BankBuildError, BuildConfig, User, build_bank
 from server.bank.manifest import MANIFEST_FILE, FusionDefaults
 from server.evaluation.protocol import split_from_manifest
+from server.tasks import Task
 from server.training import TrainConfig
 
 if TYPE_CHECKING:
-    from server.evaluation.runner import EvalConfig
+    from server.evaluation.config import EvalConfig
 
 
 FOLD2_BANK = "fold2-bank"

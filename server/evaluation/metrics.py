@@ -11,11 +11,12 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-MetricKind = Literal["classification", "generation", "rating"]
+from server.tasks import MetricKind
+
 METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("accuracy", "f1"),
     "generation": ("rouge1", "rougeL"),

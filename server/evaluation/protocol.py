@@ -16,13 +16,13 @@ from typing import Any
 
 from server.bank.build import (
     BankBuildError,
-    Task,
     User,
     leave_one_out_examples,
     load_users,
     split_users,
 )
 from server.prompts import retrieve_top1, user_content
+from server.tasks import Task
 from server.training import Example
 
 

@@ -32,55 +32,16 @@ from server.adapters import (
     save_adapter,
     stack,
 )
-from server.adapters.targets import ModelTargets
-from server.bank.build import LAMP2M_TAGS, Task, leave_one_out_examples
+from server.bank.build import leave_one_out_examples
+from server.evaluation.config import EvalConfig
 from server.evaluation.folds import Fold, make_folds, read_manifest_json
 from server.evaluation.methods import Method
-from server.evaluation.metrics import METRICS, MetricKind, bootstrap_ci, normalize_label, score
+from server.evaluation.metrics import METRICS, bootstrap_ci, normalize_label, score
 from server.evaluation.protocol import EvalUser, eval_users, load_task_users
 from server.settings import ALLOWED_MAX_LORA_RANKS, Settings
-from server.stacking import stack_config
-from server.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
-TASK_KIND: dict[str, MetricKind] = {"movie_tagging": "classification", "news_headline": "generation"}
-TASK_LABELS: dict[str, tuple[str, ...]] = {"movie_tagging": tuple(t.strip() for t in LAMP2M_TAGS.split(","))}
-MAX_NEW_TOKENS: dict[str, int] = {"movie_tagging": 10, "news_headline": 50}  # the paper's (docs/architecture.md)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    task: Task
-    data: Path
-    out: Path
-    methods: tuple[Method, ...]
-    model_dir: Path
-    model_id: str
-    bank: Path | None = None
-    kind: MetricKind = "classification"
-    labels: tuple[str, ...] = ()
-    n_few_shot: int = 5
-    max_users: int | None = None
-    holdout_fraction: float = 0.5  # used only when the bank records no split
-    max_new_tokens: int = 10
-    dtype: str = "bfloat16"  # vLLM's
-    task_train: TrainConfig = field(default_factory=TrainConfig)
-    oppu_train: TrainConfig = field(default_factory=lambda: TrainConfig(rank=8, alpha=16, epochs=3, batch_size=2))
-    stack_train: TrainConfig = field(default_factory=lambda: stack_config(Settings.model_construct()))  # the server's
-    resamples: int = 1000
-    seed: int = 0
-    folds: int = 1  # 2: also swap anchor pool and held-out users (a second bank), to evaluate every user
-
-    def with_model_targets(self) -> EvalConfig:
-        """Every training config's default targets named as the model has them (recorded, fingerprinted)."""
-        targets = ModelTargets.from_config(json.loads((self.model_dir / "config.json").read_text()))
-        return dataclasses.replace(
-            self,
-            task_train=self.task_train.with_targets(targets),
-            oppu_train=self.oppu_train.with_targets(targets),
-            stack_train=self.stack_train.with_targets(targets),
-        )
 
 
 @dataclass
