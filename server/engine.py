@@ -52,10 +52,11 @@ class Engine:
         self.model_id = model_id
         self._llm = None
         self.lora_path: str | None = None  # which LoRA ops the engine runs (`server.lora_ops.LORA_PATHS`)
+        self.lora_path_note: str | None = None  # why the fast ops are not used although asked for
 
     def start(self) -> None:
         """Start vLLM (its engine core runs in a subprocess); raise EngineStartError with the reason."""
-        from server.lora_ops import prepare_lora_path
+        from server.lora_ops import prepare_lora_path, untested_vllm
         from server.lora_ops.kernel import KernelBuildError
 
         s = self.settings
@@ -66,7 +67,11 @@ class Engine:
             self.lora_path = prepare_lora_path(s.device, served_dtype(s, self.model_path), s.fast_cpu_lora_ops)
         except KernelBuildError as e:
             raise EngineStartError(str(e)) from e
-        log.info("LoRA path: %s", self.lora_path)
+        if s.device == "cpu" and s.fast_cpu_lora_ops and (note := untested_vllm()) is not None:
+            self.lora_path_note = note
+            log.warning("LoRA path: %s (%s)", self.lora_path, note)
+        else:
+            log.info("LoRA path: %s", self.lora_path)
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM

@@ -260,11 +260,12 @@ class _StateCollector(Collector):
         )
         lora_path = GaugeMetricFamily(
             "mta_lora_path_info",
-            "The LoRA ops the engine runs (value 1): kernel (C++ decode kernel), grouped-ops, or stock (vLLM's)",
-            labels=["path"],
+            "The LoRA ops the engine runs (value 1): kernel (C++ decode kernel), grouped-ops, or stock (vLLM's);"
+            " note: why the fast ops are not used although asked for (an untested vLLM), else empty",
+            labels=["path", "note"],
         )
         if (path := _read(engine, lambda e: e.lora_path)) is not None:
-            lora_path.add_metric([path], 1)
+            lora_path.add_metric([path, _read(engine, lambda e: e.lora_path_note) or ""], 1)
         yield lora_path
 
         queue = self.queue if live else None

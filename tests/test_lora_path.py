@@ -35,6 +35,27 @@ def test_the_path_follows_device_dtype_and_the_setting(kernel_here):
     assert prepare_lora_path("cuda", "bfloat16", True) == "stock"
 
 
+def test_an_untested_vllm_keeps_its_own_ops_and_says_why(monkeypatch, caplog):
+    """The ops replace parts of vLLM 0.32's CPU punica wrapper: on another release they are not
+    installed (the engine reports `stock` and the reason). Another vLLM cannot be installed
+    beside the pinned one, so the test changes the version the check reads."""
+    import logging
+
+    import vllm
+
+    from server.lora_ops import plugin, untested_vllm
+
+    assert untested_vllm() is None and vllm.__version__.startswith("0.32.")  # the pinned release
+    assert not plugin._originals  # nothing installed in this process
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    assert "vLLM 0.33.0 is untested" in untested_vllm()
+    assert prepare_lora_path("cpu", "bfloat16", True) == "stock"
+    with caplog.at_level(logging.WARNING, logger="vllm.mta_lora_ops"):
+        plugin.register()
+    assert not plugin._originals and plugin.call_counts() == {}
+    assert "not installed" in caplog.text and "vLLM 0.33.0 is untested" in caplog.text
+
+
 def test_a_compiler_that_fails_is_an_error_not_a_silent_fallback(kernel_here, tmp_path):
     """A fresh extensions directory and a compiler that fails: `mta model prepare`'s build step raises."""
     failing = tmp_path / "c++"
@@ -73,7 +94,7 @@ def _serve_bf16(tmp: Path, model: Path, bank: Path, **extra: str) -> tuple[str, 
         for user, items in USERS.items():
             put_profile(c, user, items)
             outputs.append(generate(c, user, max_tokens=12)["token_ids"])
-    assert f'mta_lora_path_info{{path="{ready["lora_path"]}"}} 1.0' in metrics
+    assert f'mta_lora_path_info{{path="{ready["lora_path"]}",note=""}} 1.0' in metrics
     return ready["lora_path"], ready, outputs
 
 

@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 LORA_PATHS = ("kernel", "grouped-ops", "stock")
+# The vLLM release series the ops are written against and tested with (pyproject pins 0.32.0):
+# they replace parts of its CPU punica wrapper, which another release may change silently.
+TESTED_VLLM_SERIES = "0.32."
+
+
+def untested_vllm() -> str | None:
+    """Why the ops must stay out of the installed vLLM (an untested release), or None."""
+    import vllm
+
+    if vllm.__version__.startswith(TESTED_VLLM_SERIES):
+        return None
+    return f"vLLM {vllm.__version__} is untested (the ops are tested on {TESTED_VLLM_SERIES}x): vLLM's own ops run"
 
 
 def prepare_lora_path(device: str, dtype: str, fast_ops: bool) -> str:
@@ -10,10 +22,10 @@ def prepare_lora_path(device: str, dtype: str, fast_ops: bool) -> str:
 
     - `kernel`: our grouped ops with the C++ decode kernel (CPU, bf16, kernel built);
     - `grouped-ops`: our grouped ops on torch products (CPU, no kernel here or not bf16);
-    - `stock`: vLLM's own ops (on GPU, or `MTA_FAST_CPU_LORA_OPS=0`).
+    - `stock`: vLLM's own ops (on GPU, `MTA_FAST_CPU_LORA_OPS=0`, or an untested vLLM).
     Raises `kernel.KernelBuildError` when the kernel should build here and does not.
     """
-    if device != "cpu" or not fast_ops:
+    if device != "cpu" or not fast_ops or untested_vllm() is not None:
         return "stock"
     from server.lora_ops import kernel
 

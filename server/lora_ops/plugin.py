@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from server.lora_ops import punica
+from server.lora_ops import punica, untested_vllm
 from server.lora_ops.ops import OPS
 
 ENABLE_ENV = "MTA_FAST_CPU_LORA_OPS"
@@ -53,13 +53,18 @@ def enabled() -> bool:
 
 
 def register() -> None:
-    """Entry point for `vllm.general_plugins`: install the ops on CPU unless disabled."""
+    """Entry point for `vllm.general_plugins`: install the ops on CPU unless disabled or on an
+    untested vLLM (then vLLM's own ops run, and the log says why)."""
     if not enabled():
         return
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu():
-        install()
+    if not current_platform.is_cpu():
+        return
+    if (why := untested_vllm()) is not None:
+        log.warning("%s: not installed (pid %d): %s", INSTALLED_MESSAGE.replace(" installed", ""), os.getpid(), why)
+        return
+    install()
 
 
 class _CallStats:

@@ -39,6 +39,7 @@ async def readyz(services: ServicesDep):
         "bank_version": services.banks.current.version,
         "model": services.engine.model_id,
         "lora_path": services.engine.lora_path,
+        "lora_path_note": services.engine.lora_path_note,
         "finetune_runner": runner,
     }
 
