@@ -94,7 +94,7 @@ def _serve_bf16(tmp: Path, model: Path, bank: Path, **extra: str) -> tuple[str, 
         for user, items in USERS.items():
             put_profile(c, user, items)
             outputs.append(generate(c, user, max_tokens=12)["token_ids"])
-    assert f'mta_lora_path_info{{path="{ready["lora_path"]}",note=""}} 1.0' in metrics
+    assert f'mta_lora_path_info{{note="",path="{ready["lora_path"]}"}} 1.0' in metrics
     return ready["lora_path"], ready, outputs
 
 
