@@ -232,7 +232,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             task_train=TrainConfig(epochs=args.task_epochs),
             oppu_train=TrainConfig(rank=8, alpha=16, learning_rate=args.user_lr, epochs=args.user_epochs, batch_size=2),
             stack_train=stack_config(
-                Settings.model_construct(), rank=args.stack_rank, learning_rate=args.user_lr, epochs=args.user_epochs
+                Settings.model_construct(), rank=args.stack_rank, learning_rate=args.stack_lr, epochs=args.stack_epochs
             ),
             resamples=args.resamples,
             folds=args.folds,
@@ -379,8 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--metric", choices=["classification", "generation", "rating"], help="default: from the task")
     ev.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="vLLM inference dtype")
     ev.add_argument("--task-epochs", type=int, default=2, help="task_lora epochs over the anchor pool")
-    ev.add_argument("--user-epochs", type=int, default=3, help="oppu and mta_stack epochs over the few-shot set")
-    ev.add_argument("--user-lr", type=float, default=2e-4, help="oppu and mta_stack learning rate")
+    ev.add_argument("--user-epochs", type=int, default=3, help="oppu epochs over the few-shot set")
+    ev.add_argument("--user-lr", type=float, default=2e-4, help="oppu learning rate")
+    ev.add_argument("--stack-lr", type=float, help="mta_stack learning rate (default: the server's MTA_FINETUNE_LEARNING_RATE)")
+    ev.add_argument("--stack-epochs", type=int, help="mta_stack epochs (default: the server's MTA_FINETUNE_EPOCHS)")
     ev.add_argument("--stack-rank", type=int, help="mta_stack rank (default: the server's MTA_FINETUNE_RANK, 2; oppu: 8)")
     ev.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of users")
     ev.add_argument("--threads", type=int, help="torch CPU threads for training")

@@ -90,7 +90,9 @@ class Settings(BaseSettings):
     # The stacked LoRA's defaults, also `mta eval`'s mta_stack (docs/results.md): rank 2 stores 1/4 of a
     # rank-8 per-user LoRA; the paper's recipe (rank 4, lr 5e-5, 1 epoch) is one optimizer step on 5 examples.
     finetune_rank: int = Field(2, ge=1, le=16, description="Default stacked LoRA rank (paper: 4).")
-    finetune_learning_rate: float = Field(2e-4, gt=0, description="Default learning rate (paper: 5e-5).")
+    finetune_learning_rate: float = Field(
+        5e-4, gt=0, description="Default learning rate (paper: 5e-5; chosen on the demo bank's anchor pool, docs/results.md)."
+    )
     finetune_epochs: int = Field(3, ge=1, le=20, description="Default epochs (paper: 1).")
     finetune_batch_size: int = Field(2, ge=1)
     finetune_seed: int = 0

@@ -59,8 +59,9 @@ def stack_config(
     """The stacked LoRA's recipe: the server's fine-tune defaults (`MTA_FINETUNE_*`), which
     `mta eval`'s `mta_stack` trains with too; a request may override rank, lr and epochs.
 
-    alpha = 2 x rank, as every other LoRA of the project (docs/results.md: 3 epochs at lr 2e-4
-    move a rank-2 LoRA in 15 steps; the paper's one step at 5e-5 does not move it).
+    alpha = 2 x rank, as every other LoRA of the project; lr 5e-4 was chosen over 2e-4 and 1e-3 on
+    the demo bank's anchor pool (scripts/choose_stacking_recipe.py, docs/results.md); the paper's
+    one step at 5e-5 does not move a rank-2 LoRA.
     """
     rank = rank or settings.finetune_rank
     return TrainConfig(
