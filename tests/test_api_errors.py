@@ -94,3 +94,88 @@ def test_openai_bad_input(client):
     assert_error(client.post("/v1/completions", json={"prompt": ["a", "b"]}), 422, "one prompt")
     assert_error(client.post("/v1/completions", json={"prompt": "hi", "n": 2}), 422, "n")
     assert_error(client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "user": "no spaces allowed"}), 422, "user")
+
+
+@pytest.mark.parametrize(
+    "path, body, field",
+    [
+        ("/generate", {"user_id": "u1", "prompt": "hi", "use_profile": "yes"}, "use_profile"),
+        ("/generate", {"user_id": "u1", "prompt": "hi", "use_profile": 1}, "use_profile"),
+        ("/generate", {"user_id": "u1", "prompt": "hi", "stream": "true"}, "stream"),
+        ("/generate", {"user_id": "u1", "prompt": "hi", "stream": 0}, "stream"),
+        ("/generate", {"user_id": "u1", "prompt": "hi", "chat_template": "no"}, "chat_template"),
+        ("/generate", {"user_id": "u1", "prompt": "hi", "temperature": "0.5"}, "temperature"),
+        ("/generate", {"user_id": "u1", "prompt": "hi", "temperature": True}, "temperature"),
+        ("/generate", {"user_id": "u1", "prompt": "hi", "max_tokens": 4.0}, "max_tokens"),
+        ("/generate", {"user_id": "u1", "prompt": "hi", "seed": "7"}, "seed"),
+        ("/v1/completions", {"prompt": "hi", "stream": "true"}, "stream"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "0"}, "temperature"),
+        ("/users/u1/finetune", {"examples": [{"input": "a", "output": "b"}], "add_to_profile": "yes"}, "add_to_profile"),
+        ("/users/u1/finetune", {"examples": [{"input": "a", "output": "b"}], "epochs": 1.0}, "epochs"),
+    ],
+)
+def test_wrong_json_types_are_refused_not_coerced(client, path, body, field):
+    """The schema says boolean, integer, number, string: a value of another JSON type is a 422
+    (it used to be coerced, so `"use_profile": "yes"` got a 200)."""
+    assert_error(client.post(path, json=body), 422, field)
+
+
+def test_json_integers_are_numbers(client):
+    """Strict types still take an integer where the schema says number (JSON has one number type)."""
+    r = client.post("/generate", json={"user_id": "ints", "prompt": "hi", "temperature": 1, "top_p": 1, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/completions", json={"prompt": "hi", "temperature": 0, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def test_a_body_that_is_not_utf8_is_a_400_in_the_envelope(client):
+    r = client.post("/generate", content=b'{"user_id": "\xff\xfe"}', headers={"content-type": "application/json"})
+    assert_error(r, 400, "parsing the body")
+
+
+# Every status each operation can answer besides its success; 413 and 500 are every route's.
+DOCUMENTED_ERRORS = {
+    ("post", "/generate"): {400, 404, 422, 503},
+    ("post", "/v1/completions"): {400, 404, 422, 503},
+    ("post", "/v1/chat/completions"): {400, 404, 422, 503},
+    ("get", "/v1/models"): set(),
+    ("put", "/users/{user_id}/profile"): {400, 422, 503},
+    ("post", "/users/{user_id}/items"): {400, 422, 503},
+    ("get", "/users/{user_id}"): {404, 422, 503},
+    ("get", "/users/{user_id}/export"): {404, 422, 503},
+    ("delete", "/users/{user_id}"): {404, 422, 503},
+    ("post", "/users/{user_id}/finetune"): {400, 404, 409, 422, 429, 503},
+    ("get", "/jobs/{job_id}"): {404, 422, 503},
+    ("delete", "/users/{user_id}/stacked"): {404, 422, 503},
+    ("get", "/admin/bank"): {401, 403},
+    ("post", "/admin/bank/reload"): {400, 401, 403, 422},
+    ("get", "/healthz"): set(),
+    ("get", "/readyz"): {503},
+    ("get", "/metrics"): set(),
+}
+
+
+def test_the_openapi_schema_documents_every_status_and_content_type(tmp_path):
+    """The contract schemathesis checks against the running server (test_hardening), read here
+    without one: every error status in the one envelope, the streams and the Prometheus text."""
+    from server.api.app import create_app
+    from server.settings import Settings
+
+    spec = create_app(Settings(model_path=tmp_path, bank_path=tmp_path)).openapi()
+    envelope = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    operations = {(method, path): op for path, ops in spec["paths"].items() for method, op in ops.items()}
+    assert operations.keys() == DOCUMENTED_ERRORS.keys()
+    for (method, path), op in operations.items():
+        responses = {int(status): r for status, r in op["responses"].items()}
+        errors = {status for status in responses if status >= 400}
+        assert errors == DOCUMENTED_ERRORS[method, path] | {413, 500}, (method, path)
+        for status in errors:
+            assert responses[status]["content"] == envelope, (method, path, status)
+        assert ("security" in op) == path.startswith("/admin/"), (method, path)
+        success = [r for status, r in responses.items() if status < 300]
+        assert len(success) == 1, (method, path)
+        if (method, path) in {("post", "/generate"), ("post", "/v1/completions"), ("post", "/v1/chat/completions")}:
+            assert set(success[0]["content"]) == {"application/json", "text/event-stream"}
+    assert "HTTPValidationError" not in spec["components"]["schemas"]  # FastAPI's 422 body, not ours
+    assert set(operations["get", "/metrics"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert spec["components"]["securitySchemes"]["adminToken"] == {"type": "http", "scheme": "bearer", "description": "MTA_ADMIN_TOKEN"}

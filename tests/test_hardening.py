@@ -37,7 +37,7 @@ JSON = {"content-type": "application/json"}
 JOB_ID = re.compile(r"ft-[0-9a-f]{16}")
 ADAPTER_DIR = re.compile(r"[0-9]+-[0-9a-f]{24}")
 REQUEST_TIMEOUT = 30  # seconds: a request that takes longer counts as a hang
-FUZZ_EXAMPLES = 25  # per operation and generation mode (positive, negative)
+FUZZ_EXAMPLES = 25  # per operation, generation mode (positive, negative) and, on /admin, token (right, wrong)
 
 
 def assert_error(r: httpx.Response, status: int, *fragments: str) -> dict:
@@ -307,49 +307,109 @@ def redis_replica(tmp_path_factory, tiny_model_dir, tiny_bank) -> Iterator[tuple
 class TestRedisReplica:
     def test_fuzzing_from_the_openapi_schema_finds_no_server_error_and_no_hang(self, redis_replica):
         """Schemathesis generates valid and invalid requests for every operation of /openapi.json;
-        each must answer within REQUEST_TIMEOUT with a status below 500, errors in the envelope."""
+        each must answer within REQUEST_TIMEOUT with a status below 500, and as the schema says:
+        a documented status and content type, a body matching the documented schema (errors in
+        the envelope), and invalid input refused. The admin operations are fuzzed with the admin
+        token and with a wrong one. Stateful link sequences are not run (their cost; see FUZZ_EXAMPLES)."""
         import schemathesis
         from hypothesis import HealthCheck, Phase, given, settings
         from hypothesis.errors import Unsatisfiable
         from schemathesis import GenerationMode
+        from schemathesis.checks import not_a_server_error
+        from schemathesis.specs.openapi.checks import (
+            content_type_conformance,
+            negative_data_rejection,
+            response_schema_conformance,
+            status_code_conformance,
+        )
 
+        checks = [
+            not_a_server_error,
+            status_code_conformance,
+            content_type_conformance,
+            response_schema_conformance,
+            negative_data_rejection,
+        ]
         server, _ = redis_replica
         schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", timeout=REQUEST_TIMEOUT)
         statuses: Counter = Counter()
+        media_types: Counter = Counter()
         failures: list[str] = []
         operations = 0
+        wrong_token = {"Authorization": f"Bearer {ADMIN_TOKEN}-wrong"}
+
+        def fuzz(operation, mode: GenerationMode, headers: dict[str, str], expected: set[int] | None) -> None:
+            @settings(
+                max_examples=FUZZ_EXAMPLES,
+                deadline=None,
+                database=None,
+                derandomize=True,  # the same requests on every run: a failure reproduces
+                phases=[Phase.explicit, Phase.generate, Phase.shrink],
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def call(case) -> None:
+                r = case.call(base_url=server.url, headers=headers, timeout=REQUEST_TIMEOUT)
+                statuses[r.status_code] += 1
+                media_types[r.headers.get("content-type", ["none"])[0].split(";")[0]] += 1  # schemathesis: lists
+                where = case.as_curl_command(headers=headers, base_url=server.url)
+                case.validate_response(r, checks=checks, headers=headers)
+                if r.status_code >= 400:
+                    err = r.json()["error"]
+                    assert err["type"] and err["message"], f"no error envelope: {r.text[:300]}\n{where}"
+                if expected is not None:
+                    assert r.status_code in expected, f"{r.status_code} {r.text[:300]}\n{where}"
+
+            call()
+
+        # Random bodies rarely make a valid streamed request (exactly one of prompt or messages):
+        # one each, so the event streams are checked against the schema on every run.
+        streamed = {
+            "/generate": {"user_id": "fuzz-stream", "prompt": "Hello", "max_tokens": 4, "stream": True},
+            "/v1/completions": {"prompt": "Hello", "max_tokens": 4, "stream": True},
+            "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "stream": True},
+        }
+
+        def stream(operation) -> None:
+            case = operation.Case(body=streamed[operation.path], media_type="application/json")
+            r = case.call(base_url=server.url, timeout=REQUEST_TIMEOUT)
+            media_types[r.headers.get("content-type", ["none"])[0].split(";")[0]] += 1
+            assert r.status_code == 200, r.text[:300]
+            case.validate_response(r, checks=checks)
+            assert r.text.rstrip().endswith("data: [DONE]"), r.text[-300:]
+
         for result in schema.get_all_operations():
             operation = result.ok()
             operations += 1
+            # The admin token everywhere, so the fuzzer gets past the admin endpoints' auth; there
+            # also a wrong one, which never gets past it: a valid request is a 403; an invalid one
+            # may instead lose its token (a 401) or be unreadable JSON (a 400/422: FastAPI reads
+            # the body before it runs the auth dependency).
+            wrong = operation.path.startswith("/admin/")
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-
-                @settings(
-                    max_examples=FUZZ_EXAMPLES,
-                    deadline=None,
-                    database=None,
-                    phases=[Phase.explicit, Phase.generate, Phase.shrink],
-                    suppress_health_check=list(HealthCheck),
-                )
-                @given(case=operation.as_strategy(generation_mode=mode))
-                def call(case) -> None:
-                    # The admin token too, so the fuzzer gets past the admin endpoints' auth.
-                    r = case.call(base_url=server.url, headers=ADMIN, timeout=REQUEST_TIMEOUT)
-                    statuses[r.status_code] += 1
-                    where = case.as_curl_command(headers=ADMIN, base_url=server.url)
-                    assert r.status_code < 500, f"{r.status_code} {r.text[:300]}\n{where}"
-                    if r.status_code >= 400:
-                        err = r.json()["error"]
-                        assert err["type"] and err["message"], f"no error envelope: {r.text[:300]}\n{where}"
-
+                runs: list[tuple[dict[str, str], set[int] | None]] = [(ADMIN, None)]
+                if wrong:
+                    runs.append((wrong_token, {403} if mode == GenerationMode.POSITIVE else {400, 401, 403, 422}))
+                for headers, expected in runs:
+                    label = f"{operation.label} ({mode.value}{', wrong token' if expected else ''})"
+                    try:
+                        fuzz(operation, mode, headers, expected)
+                    except Unsatisfiable:
+                        pass  # no invalid request exists for an operation without parameters
+                    # Collect all operations' findings; schemathesis raises a BaseExceptionGroup.
+                    except (Exception, BaseExceptionGroup) as e:  # noqa: BLE001
+                        failures.append(f"{label}: {type(e).__name__}: {e}")
+            if operation.path in streamed:
                 try:
-                    call()
-                except Unsatisfiable:
-                    pass  # no invalid request exists for an operation without parameters
-                except Exception as e:  # noqa: BLE001 - collect all operations' findings
-                    failures.append(f"{operation.label} ({mode.value}): {type(e).__name__}: {e}")
+                    stream(operation)
+                except (Exception, BaseExceptionGroup) as e:  # noqa: BLE001
+                    failures.append(f"{operation.label} (streamed): {type(e).__name__}: {e}")
         assert not failures, "\n\n".join(failures)
         assert operations >= 14, operations
         assert sum(n for s, n in statuses.items() if s < 300) >= 30, statuses  # it got past validation too
+        assert statuses[403] >= FUZZ_EXAMPLES, statuses  # the wrong admin token was refused
+        # Streams and the Prometheus text were checked against their documented content types too.
+        assert media_types["text/event-stream"] == len(streamed) and media_types["text/plain"], media_types
         with server.client() as c:
             assert c.get("/readyz").status_code == 200  # the engine survived it all
 

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.adapter_cache import AdapterCache
 from server.api.deps import Services
-from server.api.errors import PayloadTooLarge, error_response, install_error_handlers
+from server.api.errors import PayloadTooLarge, error_response, error_responses, install_error_handlers
 from server.api.routes import admin, finetune, generate, health, openai_compat, users
 from server.bank.registry import BankRegistry
 from server.defaults import resolve_bank_path, resolve_model
@@ -140,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Merge-then-Adapt: per-user fused meta-LoRAs served by vLLM multi-LoRA.",
         lifespan=lifespan,
+        responses=error_responses(413, 500),  # any route: a declared Content-Length over the limit, a bug
     )
     install_error_handlers(app)
     # Inside `limits_and_metrics` (added later = outer): its receive wrapper would turn the 413 into a 400.

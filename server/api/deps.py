@@ -6,7 +6,8 @@ import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.adapter_cache import AdapterCache
 from server.bank.registry import BankRegistry
@@ -41,15 +42,20 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def require_admin(request: Request, services: ServicesDep) -> None:
+# Declared through FastAPI's security seam so the schema names the scheme; the errors are ours.
+_admin_bearer = HTTPBearer(scheme_name="adminToken", description="MTA_ADMIN_TOKEN", auto_error=False)
+
+
+def require_admin(
+    services: ServicesDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_admin_bearer)]
+) -> None:
     """Bearer admin token, compared in constant time; no token configured = admin disabled."""
     token = services.settings.admin_token
     if token is None:
         raise Forbidden("admin endpoints are disabled: set MTA_ADMIN_TOKEN")
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given:
+    if credentials is None:
         raise Unauthorized("missing bearer token (Authorization: Bearer <MTA_ADMIN_TOKEN>)")
-    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+    if not hmac.compare_digest(credentials.credentials.encode(), token.get_secret_value().encode()):
         raise Forbidden("wrong admin token")
 
 

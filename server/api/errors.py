@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.adapters import FusionError
+from server.api.schemas import ErrorResponse
 from server.bank.loader import BankError
 from server.errors import MTAError
 from server.store import StoreUnavailable
@@ -22,6 +24,28 @@ _STATUS: dict[type[Exception], tuple[int, str]] = {
     BankError: (422, "invalid_bank"),
     FusionError: (422, "fusion_error"),
 }
+
+
+# What each error status means here, for the OpenAPI schema (`error_responses`).
+ERROR_STATUSES: dict[int, str] = {
+    400: "The body could not be read (e.g. it is not UTF-8).",
+    401: "No bearer token (`Authorization: Bearer <MTA_ADMIN_TOKEN>`).",
+    403: "Wrong admin token, or admin endpoints disabled (no MTA_ADMIN_TOKEN).",
+    404: "The user, job or stacked LoRA named in the request does not exist.",
+    409: "Conflicts with the current state (e.g. the user already has an active fine-tune job).",
+    413: "Request body over MTA_MAX_REQUEST_BYTES.",
+    422: "Invalid request: wrong types or values, limits exceeded, an invalid bank or fusion.",
+    429: "The fine-tune queue is full; retry later.",
+    500: "Internal error (a bug): logged on the server.",
+    503: "A dependency is unavailable: the user store, the generation engine, the adapter cache's disk,"
+    " or (readiness) the server is not ready.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route for these error statuses, all in the error envelope; shared so
+    the schema states every status a route can answer without a dict per route."""
+    return {status: {"model": ErrorResponse, "description": ERROR_STATUSES[status]} for status in statuses}
 
 
 class PayloadTooLarge(StarletteHTTPException):

@@ -33,7 +33,11 @@ def _check_unicode(value: Any) -> None:
 
 
 class _Request(BaseModel):
-    """Base of every request body: all its strings, at any depth, are valid Unicode."""
+    """Base of every request body: all its strings, at any depth, are valid Unicode, and every
+    field takes its own JSON type only (strict: `"yes"` or `1` is no boolean, `"1"` no number),
+    as the schema says; a JSON integer is still a number."""
+
+    model_config = ConfigDict(strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -47,7 +51,8 @@ class _Strict(_Request):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send name/tool fields we do not use
+    # OpenAI clients send name/tool fields we do not use; strict as the request holding it.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: str
@@ -98,6 +103,17 @@ class GenerateRequest(SamplingFields, _Strict):
             stop=_stop_list(self.stop),
             seed=self.seed,
         )
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="Machine-readable error type, e.g. `invalid_request`, `not_found`.")
+    message: str = Field(description="What went wrong, for a person.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response (status 4xx and 5xx)."""
+
+    error: ErrorDetail
 
 
 class AnchorWeight(BaseModel):

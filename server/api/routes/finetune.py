@@ -6,6 +6,7 @@ from fastapi import APIRouter, Path, Response
 from fastapi.responses import JSONResponse
 
 from server.api.deps import ServicesDep
+from server.api.errors import error_responses
 from server.api.routes.users import UserIdPath
 from server.api.schemas import FinetuneRequest
 from server.jobs import FinetuneParams
@@ -13,7 +14,7 @@ from server.jobs import FinetuneParams
 router = APIRouter(tags=["finetune"])
 
 
-@router.post("/users/{user_id}/finetune", status_code=202)
+@router.post("/users/{user_id}/finetune", status_code=202, responses=error_responses(400, 404, 409, 422, 429, 503))
 async def finetune(body: FinetuneRequest, services: ServicesDep, user_id: str = UserIdPath) -> JSONResponse:
     s = services.settings
     params = FinetuneParams(
@@ -26,12 +27,12 @@ async def finetune(body: FinetuneRequest, services: ServicesDep, user_id: str = 
     return JSONResponse(job, status_code=202, headers={"Location": f"/jobs/{job['job_id']}"})
 
 
-@router.get("/jobs/{job_id}")
+@router.get("/jobs/{job_id}", responses=error_responses(404, 422, 503))
 async def get_job(services: ServicesDep, job_id: str = Path(pattern=r"^ft-[0-9a-f]{16}$")) -> dict:
     return await services.jobs.get(job_id)
 
 
-@router.delete("/users/{user_id}/stacked", status_code=204)
+@router.delete("/users/{user_id}/stacked", status_code=204, responses=error_responses(404, 422, 503))
 async def delete_stacked(services: ServicesDep, user_id: str = UserIdPath) -> Response:
     await services.personalizer.delete_stacked(user_id)
     return Response(status_code=204)

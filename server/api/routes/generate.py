@@ -9,10 +9,28 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import ServicesDep
+from server.api.errors import error_responses
 from server.api.schemas import GenerateRequest, GenerateResponse
 from server.generation import GenerationResult
 
 router = APIRouter(tags=["generate"])
+
+# One server-sent event (`itemSchema`, as FastAPI documents its own event streams): `data` holds a
+# JSON object, or `[DONE]` closing the stream.
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+}
+# A completion route's statuses: JSON, or events with `stream: true`; 404 for a user without a
+# profile under MTA_UNKNOWN_USER=404; 503 when the store, the engine or the adapter cache's disk fails.
+GENERATION_RESPONSES: dict[int | str, dict] = {
+    200: {
+        "description": "The completion; with `stream: true`, server-sent events instead.",
+        "content": {"text/event-stream": {"itemSchema": SSE_EVENT}},
+    },
+    **error_responses(400, 404, 422, 503),
+}
 
 
 def _body(result: GenerationResult) -> dict:
@@ -42,7 +60,7 @@ async def primed(events: AsyncIterator[str]) -> AsyncIterator[str]:
     return rest()
 
 
-@router.post("/generate", response_model=GenerateResponse)
+@router.post("/generate", response_model=GenerateResponse, responses=GENERATION_RESPONSES)
 async def generate(req: GenerateRequest, services: ServicesDep):
     inp = req.to_input()
     if not req.stream:

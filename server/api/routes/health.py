@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from server.api.deps import ServicesDep
-from server.api.errors import error_response
+from server.api.errors import error_response, error_responses
 from server.store import StoreUnavailable
 
 router = APIRouter(tags=["health"])
@@ -16,7 +16,7 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=error_responses(503))
 async def readyz(services: ServicesDep):
     """Ready only when the engine runs, a bank is loaded, the store answers and the embedded
     fine-tune runner (if any) is alive and not wedged."""
@@ -44,6 +44,16 @@ async def readyz(services: ServicesDep):
     }
 
 
-@router.get("/metrics")
+# `response_class=Response` (no media type of its own): the schema lists text/plain only, and the
+# error statuses every route has stay application/json.
+PROMETHEUS_TEXT = {
+    200: {
+        "description": "Prometheus text exposition format 0.0.4.",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
+
+
+@router.get("/metrics", response_class=Response, responses=PROMETHEUS_TEXT)
 async def metrics(services: ServicesDep) -> Response:
     return Response(services.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -7,6 +7,7 @@ import json
 from fastapi import APIRouter, Path, Response
 
 from server.api.deps import ServicesDep
+from server.api.errors import error_responses
 from server.api.schemas import USER_ID_PATTERN, AppendItemsView, ProfileRequest, UserView
 from server.errors import NotFound
 from server.jobs import public_view
@@ -46,12 +47,12 @@ def _view(ctx: UserContext) -> dict:
     }
 
 
-@router.put("/{user_id}/profile", response_model=UserView)
+@router.put("/{user_id}/profile", response_model=UserView, responses=error_responses(400, 422, 503))
 async def put_profile(body: ProfileRequest, services: ServicesDep, user_id: str = UserIdPath):
     return _view(await services.personalizer.put_profile(user_id, body.items))
 
 
-@router.post("/{user_id}/items", response_model=AppendItemsView)
+@router.post("/{user_id}/items", response_model=AppendItemsView, responses=error_responses(400, 422, 503))
 async def append_items(body: ProfileRequest, services: ServicesDep, user_id: str = UserIdPath):
     """Append history items (creates the profile if absent); keeps the newest MTA_MAX_PROFILE_ITEMS."""
     ctx, dropped = await services.personalizer.append_items(user_id, body.items)
@@ -63,7 +64,7 @@ async def append_items(body: ProfileRequest, services: ServicesDep, user_id: str
     }
 
 
-@router.get("/{user_id}", response_model=UserView)
+@router.get("/{user_id}", response_model=UserView, responses=error_responses(404, 422, 503))
 async def get_user(services: ServicesDep, user_id: str = UserIdPath):
     ctx = await services.personalizer.context(user_id)
     if ctx.record is None:
@@ -71,7 +72,7 @@ async def get_user(services: ServicesDep, user_id: str = UserIdPath):
     return _view(ctx)
 
 
-@router.get("/{user_id}/export", responses={404: {"description": "Unknown user."}})
+@router.get("/{user_id}/export", responses=error_responses(404, 422, 503))
 async def export_user(services: ServicesDep, user_id: str = UserIdPath) -> dict:
     """Everything stored about the user (for an access request): the profile items, the embedding
     model and profile version, the stacked LoRA's metadata (not its tensors) and the user's jobs
@@ -96,7 +97,7 @@ async def export_user(services: ServicesDep, user_id: str = UserIdPath) -> dict:
     }
 
 
-@router.delete("/{user_id}", status_code=204)
+@router.delete("/{user_id}", status_code=204, responses=error_responses(404, 422, 503))
 async def delete_user(services: ServicesDep, user_id: str = UserIdPath) -> Response:
     await services.personalizer.delete_user(user_id)
     return Response(status_code=204)
