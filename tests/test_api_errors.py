@@ -140,7 +140,7 @@ DOCUMENTED_ERRORS = {
     ("post", "/v1/chat/completions"): {400, 404, 422, 503},
     ("get", "/v1/models"): set(),
     ("put", "/users/{user_id}/profile"): {400, 422, 503},
-    ("post", "/users/{user_id}/items"): {400, 422, 503},
+    ("post", "/users/{user_id}/items"): {400, 409, 422, 503},
     ("get", "/users/{user_id}"): {404, 422, 503},
     ("get", "/users/{user_id}/export"): {404, 422, 503},
     ("delete", "/users/{user_id}"): {404, 422, 503},

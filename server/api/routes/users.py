@@ -52,7 +52,7 @@ async def put_profile(body: ProfileRequest, services: ServicesDep, user_id: str 
     return _view(await services.personalizer.put_profile(user_id, body.items))
 
 
-@router.post("/{user_id}/items", response_model=AppendItemsView, responses=error_responses(400, 422, 503))
+@router.post("/{user_id}/items", response_model=AppendItemsView, responses=error_responses(400, 409, 422, 503))
 async def append_items(body: ProfileRequest, services: ServicesDep, user_id: str = UserIdPath):
     """Append history items (creates the profile if absent); keeps the newest MTA_MAX_PROFILE_ITEMS."""
     ctx, dropped = await services.personalizer.append_items(user_id, body.items)
