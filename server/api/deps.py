@@ -6,10 +6,11 @@ import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Path, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.adapter_cache import AdapterCache
+from server.api.schemas import USER_ID_PATTERN
 from server.bank.registry import BankRegistry
 from server.engine import Engine
 from server.errors import Forbidden, Unauthorized
@@ -60,3 +61,6 @@ def require_admin(
 
 
 AdminDep = Depends(require_admin)
+
+# The `{user_id}` of every per-user route.
+UserIdPath = Path(pattern=USER_ID_PATTERN, description="Letters, digits and _.:@- (max 128).")

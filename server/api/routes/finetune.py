@@ -5,9 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Path, Response
 from fastapi.responses import JSONResponse
 
-from server.api.deps import ServicesDep
+from server.api.deps import ServicesDep, UserIdPath
 from server.api.errors import error_responses
-from server.api.routes.users import UserIdPath
 from server.api.schemas import FinetuneRequest
 from server.jobs import FinetuneParams
 

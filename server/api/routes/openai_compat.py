@@ -8,8 +8,8 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import ServicesDep
-from server.api.routes.generate import GENERATION_RESPONSES, primed, sse
 from server.api.schemas import ChatCompletionRequest, CompletionRequest
+from server.api.streaming import GENERATION_RESPONSES, primed, sse
 from server.generation import GenerationInput, GenerationResult
 
 router = APIRouter(prefix="/v1", tags=["openai"])

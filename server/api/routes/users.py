@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Response
 
-from server.api.deps import ServicesDep
+from server.api.deps import ServicesDep, UserIdPath
 from server.api.errors import error_responses
-from server.api.schemas import USER_ID_PATTERN, AppendItemsView, ProfileRequest, UserView
+from server.api.schemas import AppendItemsView, ProfileRequest, UserView
 from server.errors import NotFound
 from server.jobs import public_view
 from server.personalize import UserContext
 from server.stacking import STACKED_BLOB, StackedBlob
 
 router = APIRouter(prefix="/users", tags=["users"])
-UserIdPath = Path(pattern=USER_ID_PATTERN, description="Letters, digits and _.:@- (max 128).")
 
 
 def _stacked_view(stacked: StackedBlob) -> dict:
