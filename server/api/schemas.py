@@ -184,7 +184,7 @@ class FinetuneRequest(_Strict):
     examples: list[FinetuneExample]
     epochs: int | None = Field(None, ge=1, le=20, description="Default MTA_FINETUNE_EPOCHS (paper: 1).")
     rank: int | None = Field(None, ge=1, le=16, description="Stacked LoRA rank; default MTA_FINETUNE_RANK (paper: 4).")
-    learning_rate: float | None = Field(None, gt=0, le=1, description="Default MTA_FINETUNE_LEARNING_RATE (5e-5).")
+    learning_rate: float | None = Field(None, gt=0, le=1, description="Default MTA_FINETUNE_LEARNING_RATE (5e-4; paper: 5e-5).")
     add_to_profile: bool = Field(False, description="Also append the examples to the user's profile (used by fusion).")
 
 
