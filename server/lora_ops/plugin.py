@@ -62,7 +62,7 @@ def register() -> None:
     if not current_platform.is_cpu():
         return
     if (why := untested_vllm()) is not None:
-        log.warning("%s: not installed (pid %d): %s", INSTALLED_MESSAGE.replace(" installed", ""), os.getpid(), why)
+        log.warning("MTA fast CPU LoRA ops not installed (pid %d): %s", os.getpid(), why)
         return
     install()
 
