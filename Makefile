@@ -40,7 +40,7 @@ bank: model
 	$(BIN)/mta bank build --task movie_tagging --data bank_artifacts/data/movie_tagging.json \
 		--out bank_artifacts/demo --name lamp2m-demo --anchors 8 --rank 4 --dtype bf16 \
 		--meta-data cluster --holdout-fraction 0.5 --seed 0 \
-		--init task --task-rank 8 --task-epochs 3 --epochs 4 --validation-items 2 --patience 1
+		--init task --task-rank 8 --task-epochs 3 --epochs 4 --validation-items 2 --patience 1 --refit
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -63,7 +63,7 @@ def cmd_model_prepare(args: argparse.Namespace) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = _settings(cache_dir=args.cache_dir)
-    path, model_id = resolve_model(settings)
+    path, _model_id = resolve_model(settings)
     try:
         lora_path = prepare_lora_path(settings.device, served_dtype(settings, path), settings.fast_cpu_lora_ops)
     except RuntimeError as e:  # KernelBuildError: a compiler is there and failed
@@ -133,6 +133,7 @@ def cmd_bank_build(args: argparse.Namespace) -> None:
             validation_items=args.validation_items,
             patience=args.patience,
             select_fusion=args.select_fusion,
+            refit=args.refit,
         )
     except ValueError as e:
         sys.exit(f"mta bank build: {e}")
@@ -326,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--validation-items", type=int, default=0,
                        help="hold out each anchor-pool user's last N items: early stopping and the fusion defaults' choice")
     build.add_argument("--patience", type=int, default=1, help="epochs without a better validation loss before stopping")
+    build.add_argument("--refit", action="store_true",
+                       help="after validation chose every LoRA's epochs and the fusion defaults, retrain each LoRA "
+                       "on all of its items (validation items included) for its chosen epochs; the bank ships those")
     build.add_argument("--no-select-fusion", dest="select_fusion", action="store_false",
                        help="keep --fusion-mode/--top-k/--residual-scale instead of choosing them on the validation items")
     build.add_argument("--name", help="bank name (default: the task)")

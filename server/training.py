@@ -439,6 +439,7 @@ def train_lora(
     report_loss: bool = True,
     validation: Sequence[Example] | None = None,
     patience: int = 1,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train a new LoRA on `examples` (optionally on top of a frozen `base_adapter`).
 
@@ -450,6 +451,8 @@ def train_lora(
     loss is measured before training and after every epoch, training stops once it has not
     improved for `patience` epochs, and the LoRA of the best epoch is returned (the learning
     rate schedule still spans `config.epochs`, so a run is a prefix of the full one).
+    `stop_after` trains only that prefix (0 returns the initial LoRA): a bank refit repeats
+    on all items the trajectory that validation chose.
     Deterministic for a given config, model and examples. The model is unchanged after.
     """
     if not examples:
@@ -459,6 +462,10 @@ def train_lora(
         raise ValueError(f"examples with an empty answer: {empty[:5]}")
     if patience < 1:
         raise ValueError(f"patience must be >= 1, got {patience}")
+    if stop_after is not None and not 0 <= stop_after <= config.epochs:
+        raise ValueError(f"stop_after must be in [0, {config.epochs}], got {stop_after}")
+    if stop_after is not None and validation:
+        raise ValueError("stop_after replays a chosen number of epochs: it takes no validation set")
     started = time.perf_counter()
     eot = end_of_turn_id(tokenizer)
     pad_id = _pad_id(tokenizer, eot)
@@ -477,7 +484,7 @@ def train_lora(
         optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i, total, warmup))
         losses: list[float] = []
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(1, (config.epochs if stop_after is None else stop_after) + 1):
             indices = list(range(len(encoded)))
             order.shuffle(indices)
             for start in range(0, len(indices), config.batch_size):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from server.adapters import fuse
+from server.adapters import fuse, load_adapter
 from server.adapters.targets import ModelTargets
 from server.bank.build import (
+    REFIT_DIR,
     SHARED_LORA_DIR,
     BankBuildError,
     BuildConfig,
@@ -27,6 +29,7 @@ from server.bank.build import (
 )
 from server.bank.loader import load_bank
 from server.cli import main as mta
+from server.evaluation.folds import build_config_from_manifest
 from server.prompts import render_item
 from server.tasks import TASKS, TaskError, make_task
 from server.training import TrainConfig, load_base_model, load_tokenizer, mean_loss
@@ -405,6 +408,51 @@ def test_the_fusion_defaults_are_chosen_on_the_anchor_pool_and_recorded(built_ta
     served = _load(report.path, tiny_model_dir)
     assert served.residual_scale == chosen["residual_scale"]
     assert _load(report.path, tiny_model_dir, residual_scale=0.5).residual_scale == 0.5  # the server's override
+
+
+@pytest.fixture(scope="module")
+def built_refit(built_task, lamp_file, tiny_model_dir, embedder):
+    """The same build with `refit`, in the same work directory (what it reuses is part of the contract)."""
+    _, root = built_task
+    config = dataclasses.replace(TASK_CONFIG, refit=True)
+    report = build_bank(
+        lamp_file, root / "refit-bank", config, model_dir=tiny_model_dir, work_dir=root / "work", keep_work=True,
+        embedder=embedder, progress=False,
+    )  # fmt: skip
+    return report, root
+
+
+def test_a_refit_retrains_every_lora_on_all_items_for_its_chosen_epochs(built_task, built_refit, tiny_model_dir):
+    (validated, _), (refit, root) = built_task, built_refit
+    anchors = [a.id for a in validated.manifest.anchors]
+    # the validated runs and the fusion choice are reused, not redone; only the refits train
+    assert refit.skipped == ["shared", *anchors] and refit.trained == [f"refit {n}" for n in ["shared", *anchors]]
+    m, before = refit.manifest, validated.manifest
+    assert m.fusion == before.fusion and m.extra["fusion_selection"] == before.extra["fusion_selection"]
+    assert m.bank_version != before.bank_version and m.extra["training"]["refit"]
+    for record, was in [
+        (m.extra["training"]["shared"], before.extra["training"]["shared"]),
+        *((m.extra["anchors"][a], before.extra["anchors"][a]) for a in anchors),
+    ]:
+        assert record["refit"]["epochs"] == was["best_epoch"]
+        assert record["refit"]["examples"] == was["examples"] + was["validation_examples"]  # the validation items too
+    # the bank ships the refit LoRAs (in bf16), and they differ from the validated ones
+    bank, old = _load(refit.path, tiny_model_dir), _load(validated.path, tiny_model_dir)
+    work_shared = load_adapter(root / "work" / REFIT_DIR / SHARED_LORA_DIR)
+    for mod in bank.shared.modules:
+        assert torch.allclose(bank.shared.b[mod].float(), work_shared.b[mod], rtol=1e-2, atol=1e-3)
+        assert not torch.equal(bank.shared.b[mod], old.shared.b[mod])
+    # `mta eval --folds 2` builds its second bank with the same recipe
+    config = build_config_from_manifest(json.loads((refit.path / "manifest.json").read_text()), refit.path,
+                                        holdout_fraction=0.0)  # fmt: skip
+    assert config.refit is True
+    legacy = json.loads((validated.path / "manifest.json").read_text())
+    assert build_config_from_manifest(legacy, validated.path, holdout_fraction=0.0).refit is False
+
+
+def test_a_refit_needs_validation_items():
+    with pytest.raises(BankBuildError, match="validation items"):
+        dataclasses.replace(TASK_CONFIG, refit=True, validation_items=0)
 
 
 def test_the_real_server_serves_a_task_init_bank(built_task, tiny_model_dir, tmp_path, lamp_users):

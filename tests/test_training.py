@@ -134,6 +134,24 @@ def test_skipping_the_loss_report_trains_the_same_lora(model, tok):
         assert torch.equal(skipped.lora.a[m], reported.lora.a[m]) and torch.equal(skipped.lora.b[m], reported.lora.b[m])
 
 
+def test_stop_after_replays_a_prefix_of_the_full_run(model, tok):
+    """What a bank refit relies on: `stop_after=k` is the full schedule's first k epochs, step for step."""
+    full = train_lora(model, tok, EXAMPLES[:4], FAST, report_loss=False)
+    steps_per_epoch = len(full.losses) // FAST.epochs
+    one = train_lora(model, tok, EXAMPLES[:4], FAST, report_loss=False, stop_after=1)
+    assert one.losses == full.losses[:steps_per_epoch]
+    again = train_lora(model, tok, EXAMPLES[:4], FAST, report_loss=False, stop_after=FAST.epochs)
+    for m in full.lora.modules:
+        assert torch.equal(again.lora.b[m], full.lora.b[m])
+        assert not torch.equal(one.lora.b[m], full.lora.b[m])
+    none = train_lora(model, tok, EXAMPLES[:4], FAST, report_loss=False, stop_after=0)
+    assert none.losses == [] and all(not none.lora.b[m].any() for m in none.lora.modules)  # the init: B = 0
+    with pytest.raises(ValueError, match="stop_after"):
+        train_lora(model, tok, EXAMPLES[:4], FAST, stop_after=FAST.epochs + 1)
+    with pytest.raises(ValueError, match="no validation"):
+        train_lora(model, tok, EXAMPLES[:4], FAST, stop_after=1, validation=EXAMPLES[4:6])
+
+
 def test_lr_schedule_warms_up_then_decays():
     factors = [lr_factor(i, 10, 2) for i in range(10)]
     assert factors[:3] == [0.5, 1.0, 1.0]

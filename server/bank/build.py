@@ -23,12 +23,14 @@ Steps (docs/architecture.md, section 1):
    With `validation_items`, each pool user's last items are held out of all training: every
    training stops on their loss (best epoch kept), and the fusion defaults are chosen on
    them (`server.bank.selection`). The manifest records the recipe, curves and choice.
+   `refit` then retrains every LoRA on all its items for the epochs chosen, so the choice
+   costs the shipped bank none of its training data.
 6. Write the bank (manifest.json, anchor_embeddings.npy, loras/<anchor>/, shared/) into a
    temporary directory beside `out` and rename it into place.
 
 Resumable: each trained meta-LoRA is kept in a work directory with a fingerprint of
 everything it depends on (model, training config, examples); a rerun skips anchors whose
-fingerprint matches. Deterministic: the same data, model and settings give the same
+fingerprint matches (the fusion-default choice is kept the same way). Deterministic: the same data, model and settings give the same
 anchors and a byte-identical manifest (`bank_version` is a digest of the inputs; no
 timestamps).
 """
@@ -45,7 +47,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -75,6 +77,7 @@ log = logging.getLogger(__name__)
 MetaData = Literal["anchor", "cluster"]
 Init = Literal["zero", "task"]
 SHARED_LORA_DIR = "shared"  # the bank directory of a `--init task` bank's shared task LoRA
+REFIT_DIR = "refit"  # in the work directory: the LoRAs of a `refit` build, as the bank ships them
 _ANCHOR_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 
 
@@ -297,6 +300,10 @@ class BuildConfig:
     patience: int = 1
     select_fusion: bool = True
     max_fused_rank: int = 14  # the chosen fusion's served rank (shared LoRA included) leaves room to stack
+    # Once validation has chosen every LoRA's epochs and the fusion defaults, retrain each LoRA
+    # on all its items (the validation items too) for its chosen epochs, and ship those: the
+    # choice costs the bank no training data.
+    refit: bool = False
 
     def __post_init__(self) -> None:
         if self.meta_data not in ("anchor", "cluster"):
@@ -307,6 +314,8 @@ class BuildConfig:
             raise BankBuildError(
                 f"validation items must be >= 0 and patience >= 1, got {self.validation_items} and {self.patience}"
             )
+        if self.refit and self.validation_items == 0:
+            raise BankBuildError("refit retrains for the epochs that validation chose: it needs validation items")
         if self.dtype not in ("bf16", "fp32"):
             raise BankBuildError(f"dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
         if self.n_anchors < 1:
@@ -435,24 +444,71 @@ def build_bank(
         from server.bank.selection import choose_fusion
 
         cluster_of = {u.user_id: c.id for c in clusters for u in c.members}
-        selection = choose_fusion(
-            embedder, model, tokenizer, task,
-            users=[(splits[u.user_id][0], validation[u.user_id], cluster_of[u.user_id]) for u in pool],
-            anchors={c.id: (c.embedding, load_adapter(work / "loras" / c.id)) for c in clusters},
-            shared=shared, base=config.fusion, max_fused_rank=config.max_fused_rank,
-            max_length=train.max_length, progress=progress,
+        users_in = [(splits[u.user_id][0], validation[u.user_id], cluster_of[u.user_id]) for u in pool]
+        selection = trainer.cached(
+            "fusion_selection",
+            {
+                "anchors": {c.id: (c.embedding.tolist(), records[c.id]["fingerprint"]) for c in clusters},
+                "shared": shared_record["fingerprint"] if shared_record else None,
+                "users": [(u.user_id, u.profile, [dataclasses.astuple(e) for e in held], own) for u, held, own in users_in],
+                "base": config.fusion.model_dump(), "max_fused_rank": config.max_fused_rank, "max_length": train.max_length,
+            },
+            lambda: choose_fusion(
+                embedder, model, tokenizer, task,
+                users=users_in,
+                anchors={c.id: (c.embedding, load_adapter(work / "loras" / c.id)) for c in clusters},
+                shared=shared, base=config.fusion, max_fused_rank=config.max_fused_rank,
+                max_length=train.max_length, progress=progress,
+            ),
         )  # fmt: skip
         fusion = FusionDefaults(**selection["chosen"])
+
+    if config.refit:
+        shared_record = _refit(trainer, config, pool, clusters, records, shared_record)
 
     manifest = _manifest(
         config, data=data, users=users, pool=pool, held_out=held_out, clusters=clusters, records=records,
         model_id=model_id, embedding_dim=int(embeddings.shape[1]), fusion=fusion, selection=selection,
         shared_record=shared_record, splits=splits,
     )  # fmt: skip
-    _write_bank(out, manifest, clusters, work, model_id, config.dtype)
+    _write_bank(out, manifest, clusters, work / REFIT_DIR if config.refit else work, model_id, config.dtype)
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return BuildReport(out, manifest, trainer.trained, trainer.skipped, time.perf_counter() - started, trainer.seconds)
+
+
+def _refit(
+    trainer: _CachedTrainer,
+    config: BuildConfig,
+    pool: Sequence[User],
+    clusters: Sequence[Cluster],
+    records: dict[str, dict[str, Any]],
+    shared_record: dict[str, Any] | None,
+) -> dict[str, Any] | None:
+    """Retrain the shared LoRA and every meta-LoRA on all their items for the epochs validation chose.
+
+    Each run replays its validated run's prefix (same config, seed and learning-rate schedule,
+    stopped after the best epoch) with the validation items added. Adds a `refit` entry to
+    each anchor's record; returns the shared record with its own.
+    """
+    task = config.task
+    shared = None
+    if shared_record is not None:
+        examples = [ex for u in pool for ex in leave_one_out_examples(u, task)]
+        shared, refit = trainer.train(
+            f"{REFIT_DIR}/{SHARED_LORA_DIR}", "refit: shared task LoRA", examples, (), config.task_train,
+            config.patience, stop_after=shared_record.get("best_epoch", config.task_train.epochs),
+        )  # fmt: skip
+        shared_record = {**shared_record, "refit": refit}
+    for n, cluster in enumerate(clusters, 1):
+        sources = cluster.members if config.meta_data == "cluster" else (cluster.anchor,)
+        examples = [ex for member in sources for ex in leave_one_out_examples(member, task)]
+        _, records[cluster.id]["refit"] = trainer.train(
+            f"{REFIT_DIR}/loras/{cluster.id}", f"refit: anchor {n}/{len(clusters)} {cluster.id}", examples, (),
+            config.train, config.patience, base=(shared, shared_record["refit"] if shared_record else None),
+            stop_after=records[cluster.id].get("best_epoch", config.train.epochs),
+        )  # fmt: skip
+    return shared_record
 
 
 class _CachedTrainer:
@@ -478,8 +534,12 @@ class _CachedTrainer:
         train: TrainConfig,
         patience: int,
         base: tuple[Any, dict[str, Any] | None] = (None, None),
+        stop_after: int | None = None,
     ) -> tuple[Any, dict[str, Any]]:
-        """(the LoRA, its record for the manifest): trained now, or reused from the work directory."""
+        """(the LoRA, its record for the manifest): trained now, or reused from the work directory.
+
+        `stop_after` (a refit): train that many epochs of `train`'s schedule, without validation.
+        """
         from tqdm.auto import tqdm
 
         from server.training import train_lora
@@ -493,18 +553,19 @@ class _CachedTrainer:
                 "validation": [dataclasses.astuple(e) for e in validation],
                 "patience": patience if validation else None,
                 "base": base_record["fingerprint"] if base_record else None,
+                **({"stop_after": stop_after} if stop_after is not None else {}),  # older work dirs stay valid
             }
         )
         record_file = self.work / "records" / f"{name.replace('/', '__')}.json"
         lora_dir = self.work / name
-        label = name.rsplit("/", 1)[-1]
+        label = ("refit " if stop_after is not None else "") + name.rsplit("/", 1)[-1]
         previous = json.loads(record_file.read_text()) if record_file.is_file() else None
         if previous and previous.get("fingerprint") == fingerprint and (lora_dir / "adapter_config.json").is_file():
             log.info("%s: already trained in %s, skipped", desc, self.work)
             self.skipped.append(label)
             return load_adapter(lora_dir), previous["record"]
         record_file.parent.mkdir(parents=True, exist_ok=True)
-        steps = math.ceil(len(examples) / train.batch_size) * train.epochs
+        steps = math.ceil(len(examples) / train.batch_size) * (train.epochs if stop_after is None else stop_after)
         with tqdm(total=steps, desc=f"{desc} ({len(examples)} examples)", unit="step", disable=not self.progress) as bar:
 
             def step(done: int, total: int, loss: float) -> None:
@@ -513,7 +574,8 @@ class _CachedTrainer:
 
             result = train_lora(
                 self.model, self.tokenizer, examples, train, base_adapter=base_lora, progress=step,
-                report_loss=not validation, validation=validation or None, patience=patience,
+                report_loss=not validation and stop_after is None, validation=validation or None, patience=patience,
+                stop_after=stop_after,
             )  # fmt: skip
             if validation:
                 bar.set_postfix_str(f"validation loss by epoch {[round(v, 3) for v in result.validation_losses]}")
@@ -526,6 +588,8 @@ class _CachedTrainer:
             **(
                 {"validation_losses": [round(v, 4) for v in result.validation_losses], "best_epoch": result.best_epoch}
                 if validation
+                else {"epochs": stop_after}
+                if stop_after is not None
                 else {"initial_loss": round(result.initial_loss, 4), "final_loss": round(result.final_loss, 4)}
             ),
             "fingerprint": fingerprint,
@@ -534,6 +598,19 @@ class _CachedTrainer:
         self.trained.append(label)
         self.seconds[label] = result.seconds
         return result.lora, record
+
+    def cached(self, name: str, inputs: Any, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """`compute()`'s record, reused from the work directory while `inputs` (with the model) are unchanged."""
+        fingerprint = _digest({"model": self.model_fp, "inputs": inputs})
+        record_file = self.work / "records" / f"{name}.json"
+        previous = json.loads(record_file.read_text()) if record_file.is_file() else None
+        if previous and previous.get("fingerprint") == fingerprint:
+            log.info("%s: already computed in %s, reused", name, self.work)
+            return previous["record"]
+        record = compute()
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(record_file, {"fingerprint": fingerprint, "record": record})
+        return record
 
 
 def _manifest(
@@ -570,6 +647,7 @@ def _manifest(
         "patience": config.patience,
         "select_fusion": config.select_fusion,
         "max_fused_rank": config.max_fused_rank,
+        "refit": config.refit,
     }
     data_info = {"file": data.name, "sha256": sha256_file(data), "users": len(users)}
     version = _digest(
@@ -631,6 +709,12 @@ def _manifest(
                 "config": {**dataclasses.asdict(train), "target_modules": list(train.target_modules)},
                 "adapter_dtype": config.dtype,
                 "init": config.init,
+                "refit": (
+                    "every LoRA retrained on all its items (validation items included) for the epochs its "
+                    "validated run chose (same schedule, stopped there); fusion defaults chosen before"
+                    if config.refit
+                    else None
+                ),
                 "shared": (
                     {
                         "config": {**dataclasses.asdict(config.task_train), "target_modules": list(config.task_train.target_modules)},

@@ -103,6 +103,7 @@ def build_config_from_manifest(manifest: dict[str, Any], bank: Path | str, *, ho
         patience=get("extra.validation.patience"),
         select_fusion=get("extra.fusion_selection.enabled"),
         max_fused_rank=get("extra.fusion_selection.max_fused_rank"),
+        refit=bool(get("extra.training").get("refit")),  # banks from before `refit` record none: not refit
     )
 
 
@@ -153,7 +154,11 @@ def ensure_fold2_bank(
         return out, False
     print(f"[eval] fold 2: building a bank on {len(pool)} users with the settings of {bank}", flush=True)
     try:
-        build_bank(pool_file, out, config, model_dir=model_dir, model_id=model_id)
+        # the work directory is kept: a rerun after a settings change retrains only what changed
+        build_bank(
+            pool_file, out, config, model_dir=model_dir, model_id=model_id, work_dir=work / f"{FOLD2_BANK}.build",
+            keep_work=True,
+        )  # fmt: skip
     except BankBuildError as e:
         raise BankBuildError(f"fold 2 bank: {e}") from e
     return out, True
