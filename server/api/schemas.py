@@ -192,6 +192,114 @@ class ReloadRequest(_Strict):
     path: str | None = Field(None, description="Bank directory; unset = reload the configured bank path.")
 
 
+# --- responses of the fine-tune, admin, export and health routes ----------------------------
+
+
+class FinetuneParamsView(BaseModel):
+    epochs: int
+    rank: int
+    learning_rate: float
+
+
+class JobView(BaseModel):
+    """A fine-tune job as the API shows it: never its training examples."""
+
+    job_id: str
+    user_id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    heartbeat_at: float | None = Field(None, description="Last sign of life of the runner training it.")
+    progress: float = Field(description="Fraction of the training steps done, 0 to 1.")
+    step: int
+    total_steps: int | None = None
+    loss: float | None = Field(None, description="The last training step's loss.")
+    initial_loss: float | None = None
+    final_loss: float | None = None
+    error: str | None = Field(None, description="Why the job failed.")
+    params: FinetuneParamsView
+    examples_count: int
+    bank_version: str = Field(description="The bank whose fused adapter the stacked LoRA is trained over.")
+    bank_path: str
+    stacked_version: int | None = Field(None, description="The stored stacked LoRA's version, once succeeded.")
+
+
+class StackedView(BaseModel):
+    version: int
+    bank_version: str
+    job_id: str | None
+    bytes: int
+
+
+class ExportedProfile(BaseModel):
+    items: list[dict[str, Any]]
+    profile_version: int
+    updated_at: float
+    embedding_model: str | None
+
+
+class UserExport(BaseModel):
+    """Everything stored about a user, for an access request (the stacked LoRA's metadata, not its tensors)."""
+
+    user_id: str
+    profile: ExportedProfile
+    stacked: StackedView | None
+    jobs: list[JobView]
+
+
+class AdapterCacheView(BaseModel):
+    entries: int
+    capacity: int
+    bytes: int
+    max_bytes: int | None
+    hits: int
+    misses: int
+    evictions: int
+
+
+class BankView(BaseModel):
+    """The bank being served, its fusion settings and the materialized-adapter cache."""
+
+    bank_version: str
+    name: str
+    description: str
+    random: bool
+    path: str
+    base_model: str
+    embedding_model: dict[str, Any]
+    fusion: dict[str, Any] = Field(description="The served fusion defaults (mode, top_k, residual_scale).")
+    shared_lora: dict[str, Any] | None = Field(None, description="A warm-started bank's shared task LoRA: rank, targets.")
+    task: dict[str, Any]
+    anchors: list[dict[str, Any]] = Field(description="id, cluster_size, rank of every anchor.")
+    top_k: int
+    fusion_mode: str
+    adapter_cache: AdapterCacheView
+
+
+class ReloadView(BaseModel):
+    previous_version: str | None
+    bank_version: str
+    path: str
+    anchors: int
+    invalidated_adapters: int = Field(description="Cached adapters of the old bank dropped by the swap.")
+
+
+class HealthView(BaseModel):
+    status: Literal["ok"]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 # --- OpenAI-compatible --------------------------------------------------------------------
 
 

@@ -8,13 +8,13 @@ from fastapi import APIRouter
 
 from server.api.deps import AdminDep, ServicesDep
 from server.api.errors import error_responses
-from server.api.schemas import ReloadRequest
+from server.api.schemas import BankView, ReloadRequest, ReloadView
 from server.bank.loader import BankError
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep], responses=error_responses(401, 403))
 
 
-@router.get("/bank")
+@router.get("/bank", response_model=BankView)
 async def get_bank(services: ServicesDep) -> dict:
     served = services.banks.current
     cache = services.cache
@@ -34,7 +34,7 @@ async def get_bank(services: ServicesDep) -> dict:
     }
 
 
-@router.post("/bank/reload", responses=error_responses(400, 422))
+@router.post("/bank/reload", response_model=ReloadView, responses=error_responses(400, 422))
 async def reload_bank(services: ServicesDep, body: ReloadRequest | None = None) -> dict:
     """Load a bank beside the current one and swap; a broken bank is refused and the old one keeps serving."""
     path = Path(body.path) if body and body.path else services.banks.current.bank.path

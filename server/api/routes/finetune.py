@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Path, Response
-from fastapi.responses import JSONResponse
 
 from server.api.deps import ServicesDep, UserIdPath
 from server.api.errors import error_responses
-from server.api.schemas import FinetuneRequest
+from server.api.schemas import FinetuneRequest, JobView
 from server.jobs import FinetuneParams
 
 router = APIRouter(tags=["finetune"])
 
 
-@router.post("/users/{user_id}/finetune", status_code=202, responses=error_responses(400, 404, 409, 422, 429, 503))
-async def finetune(body: FinetuneRequest, services: ServicesDep, user_id: str = UserIdPath) -> JSONResponse:
+@router.post(
+    "/users/{user_id}/finetune", status_code=202, response_model=JobView,
+    responses=error_responses(400, 404, 409, 422, 429, 503),
+)  # fmt: skip
+async def finetune(body: FinetuneRequest, services: ServicesDep, response: Response, user_id: str = UserIdPath) -> dict:
     s = services.settings
     params = FinetuneParams(
         epochs=body.epochs or s.finetune_epochs,
@@ -23,10 +25,11 @@ async def finetune(body: FinetuneRequest, services: ServicesDep, user_id: str = 
     )
     pairs = [(e.input, e.output) for e in body.examples]
     job = await services.jobs.submit(user_id, pairs, params, body.add_to_profile)
-    return JSONResponse(job, status_code=202, headers={"Location": f"/jobs/{job['job_id']}"})
+    response.headers["Location"] = f"/jobs/{job['job_id']}"
+    return job
 
 
-@router.get("/jobs/{job_id}", responses=error_responses(404, 422, 503))
+@router.get("/jobs/{job_id}", response_model=JobView, responses=error_responses(404, 422, 503))
 async def get_job(services: ServicesDep, job_id: str = Path(pattern=r"^ft-[0-9a-f]{16}$")) -> dict:
     return await services.jobs.get(job_id)
 

@@ -6,12 +6,13 @@ from fastapi import APIRouter, Response
 
 from server.api.deps import ServicesDep
 from server.api.errors import error_response, error_responses
+from server.api.schemas import HealthView
 from server.store import StoreUnavailable
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=HealthView)
 async def healthz() -> dict:
     return {"status": "ok"}
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import ServicesDep
-from server.api.schemas import ChatCompletionRequest, CompletionRequest
+from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelList
 from server.api.streaming import GENERATION_RESPONSES, primed, sse
 from server.generation import GenerationInput, GenerationResult
 
@@ -75,6 +75,6 @@ async def chat_completions(req: ChatCompletionRequest, services: ServicesDep):
     return await _respond(services, req.to_input(), req.model, req.stream, chat=True)
 
 
-@router.get("/models")
+@router.get("/models", response_model=ModelList)
 async def models(services: ServicesDep) -> dict:
     return {"object": "list", "data": [{"id": services.engine.model_id, "object": "model", "owned_by": "mta"}]}

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response
 
 from server.api.deps import ServicesDep, UserIdPath
 from server.api.errors import error_responses
-from server.api.schemas import AppendItemsView, ProfileRequest, UserView
+from server.api.schemas import AppendItemsView, ProfileRequest, UserExport, UserView
 from server.errors import NotFound
 from server.jobs import public_view
 from server.personalize import UserContext
@@ -71,7 +71,7 @@ async def get_user(services: ServicesDep, user_id: str = UserIdPath):
     return _view(ctx)
 
 
-@router.get("/{user_id}/export", responses=error_responses(404, 422, 503))
+@router.get("/{user_id}/export", response_model=UserExport, responses=error_responses(404, 422, 503))
 async def export_user(services: ServicesDep, user_id: str = UserIdPath) -> dict:
     """Everything stored about the user (for an access request): the profile items, the embedding
     model and profile version, the stacked LoRA's metadata (not its tensors) and the user's jobs
