@@ -98,12 +98,17 @@ def test_show_the_demo_bank_prints_the_recipe_anchors_curves_and_fusion_choice(c
     expected = " ".join(f"{v:.3f}" + ("*" if i == shared["best_epoch"] else "") for i, v in enumerate(shared["validation_losses"]))
     assert curve_line.endswith(expected)
 
+    # the shipped bank is refit: every LoRA retrained on all its items for its chosen epochs
+    assert "retrained on all its items" in line_of(text, "refit")
+    assert recipe_line.endswith(f"refit: {shared['refit']['epochs']} epoch(s) on {shared['refit']['examples']} examples")
+
     # the 8 anchors: cluster size, rank, user and history length; then each one's curves
     assert "anchors (8)" in text
     for a in m.anchors:
         record = extra["anchors"][a.id]
         row = line_of(text, f"{a.id} ").split()
         assert row[:5] == [a.id, str(a.cluster_size), str(a.rank), str(record["user_id"]), str(record["history_items"])]
+        assert row[7:] == [str(record["refit"]["epochs"]), "epoch(s)", "on", str(record["refit"]["examples"])]
         curve = curve_of(text, f"anchor {a.id}")
         val = " ".join(
             f"{v:.3f}" + ("*" if i == record["best_epoch"] else "") for i, v in enumerate(record["validation_losses"])

@@ -266,7 +266,12 @@ def format_bank(info: Mapping[str, Any]) -> str:
                     n_val = _str(shared_training.get("validation_examples"))
                     counts = f" on {shared_training['examples']} examples ({n_val} validation)"
                 text = f"stored in {shared.get('lora_path')}/, rank {shared.get('rank')}; trained{counts} with {text}"
+                refit = _dict(shared_training.get("refit"))
+                if refit:
+                    text += f"; refit: {refit.get('epochs')} epoch(s) on {refit.get('examples')} examples"
             pairs.append(("shared task LoRA", text))
+        if validation.get("items_per_user"):  # a refit needs validation to have chosen the epochs
+            pairs.append(("refit", _str(recipe.get("refit") or "no: the bank ships the validated LoRAs")))
         pairs += [
             ("examples", _str(recipe.get("examples"))),
             ("adapter dtype", _str(recipe.get("adapter_dtype"))),
@@ -276,9 +281,10 @@ def format_bank(info: Mapping[str, Any]) -> str:
 
     # the anchors
     lines += ["", f"anchors ({len(anchors)})"]
-    rows = [["id", "cluster size", "rank", "user", "history items", "train examples", "validation examples"]]
+    rows = [["id", "cluster size", "rank", "user", "history items", "train examples", "validation examples", "refit"]]
     for a in anchors:
         training = _dict(a.get("training"))
+        refit = _dict(training.get("refit"))
         rows.append(
             [
                 str(a.get("id")),
@@ -288,6 +294,7 @@ def format_bank(info: Mapping[str, Any]) -> str:
                 _str(a.get("history_items")),
                 _str(training.get("examples")),
                 _str(training.get("validation_examples")),
+                f"{refit['epochs']} epoch(s) on {refit['examples']}" if refit else "-",
             ]
         )
     lines += _table(rows, right={1, 2, 4, 5, 6})
