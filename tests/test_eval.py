@@ -17,11 +17,13 @@ from server.evaluation.metrics import (
     bootstrap_ci,
     macro_f1,
     normalize_label,
+    paired_difference,
     rating_errors,
     rouge,
     score,
 )
 from server.evaluation.protocol import eval_users
+from server.evaluation.report import reading
 from server.tasks import TASKS, scoring
 
 from .test_bank_build import LAMP_MOVIES, short
@@ -88,6 +90,32 @@ def test_bootstrap_resamples_users_not_points():
     # One perfect user and one wrong user: the interval spans (nearly) all of [0, 1].
     lo, hi = bootstrap_ci([(["a"], ["a"]), (["x"], ["a"])], metric, resamples=400)["accuracy"]
     assert lo == 0.0 and hi == 1.0
+
+
+def test_paired_differences_resample_the_same_users_for_both_methods():
+    def metric(p, g):
+        return {"accuracy": accuracy(p, g), "mae": 1 - accuracy(p, g)}
+
+    # Users differ wildly in difficulty, but the first method is right on exactly one more point
+    # than the second for every user: unpaired intervals overlap; the paired one excludes 0.
+    easy = (["a", "a", "a", "a"], ["a", "a", "a", "a"])
+    hard = (["x", "x", "x", "x"], ["a", "a", "a", "a"])
+    first = [(["a", "a", "a", "a"], ["a"] * 4), (["a", "x", "x", "x"], ["a"] * 4)] * 5
+    second = [(["a", "a", "a", "x"], ["a"] * 4), hard] * 5
+    diff = paired_difference(first, second, metric, resamples=300)
+    point, lo, hi = diff["accuracy"]
+    assert point == pytest.approx(0.25) and 0 < lo <= point <= hi
+    assert diff["mae"][0] == pytest.approx(-0.25)
+    a_lo, a_hi = bootstrap_ci(first, metric, resamples=300)["accuracy"]
+    b_lo, b_hi = bootstrap_ci(second, metric, resamples=300)["accuracy"]
+    assert a_lo < b_hi  # the methods' own intervals overlap
+    same = paired_difference([easy, hard], [easy, hard], metric, resamples=100)["accuracy"]
+    assert same == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same users"):
+        paired_difference([easy], [easy, hard], metric)
+    assert reading("accuracy", 0.25, 0.1, 0.4) == "ahead beyond noise"
+    assert reading("mae", 0.25, 0.1, 0.4) == "behind beyond noise"  # lower is better
+    assert reading("accuracy", -0.02, -0.05, 0.01).startswith("level within noise (behind")
 
 
 def test_protocol_splits_few_shot_and_points():
@@ -166,6 +194,14 @@ def test_smoke_run_writes_every_output(tmp_path, lamp_file, tiny_model_dir, tiny
     for name in result["methods"]:
         assert result["methods"][name]["accuracy"] == pytest.approx(accuracy([p[name] for p in preds], [p["gold"] for p in preds]))
     assert "| mta_stack |" in (out / "results.md").read_text()
+    # mta_stack vs majority, paired on the same users: the difference of the two rows' scores
+    (row,) = result["comparisons"]
+    assert (row["first"], row["second"]) == ("mta_stack", "majority")
+    for metric in ("accuracy", "f1"):
+        diff, lo, hi = row[metric]
+        assert diff == pytest.approx(result["methods"]["mta_stack"][metric] - result["methods"]["majority"][metric])
+        assert lo <= diff <= hi
+    assert "| `mta_stack` - `majority` |" in (out / "results.md").read_text()
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A second run reuses the trained adapters (cached in out/work) and reproduces the scores.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)

@@ -40,6 +40,13 @@ METHODS: dict[str, Method] = {
     )
 }
 CLASSIFICATION_ONLY = {"majority", "copy_retrieved"}
+# The comparisons MTA is judged by (issue 13's goals), reported as paired differences when both
+# methods ran: fused (nothing stored) vs one task LoRA, stacked vs a LoRA per user, and both vs
+# the no-model baselines.
+COMPARISONS = (
+    ("mta_fuse", "task_lora"), ("mta_stack", "oppu"), ("mta_stack", "task_lora"),
+    ("mta_fuse", "majority"), ("mta_fuse", "copy_retrieved"), ("mta_stack", "majority"), ("mta_stack", "copy_retrieved"),
+)  # fmt: skip
 DEFAULT_METHODS = (
     "base", "rag", "task_lora", "oppu", "mta_fuse", "mta_fuse_cat", "mta_fuse_full", "mta_stack", "majority",
     "copy_retrieved",

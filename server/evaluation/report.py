@@ -36,8 +36,35 @@ def markdown_table(result: dict[str, Any]) -> str:
             f"Interval half-widths reach {max(widths):.2f}: differences smaller than about "
             f"{2 * max(widths):.2f} between two rows are within noise at this size.",
         ]
+    lines += _comparison_lines(result)
     lines += ["", "Methods: " + "; ".join(f"`{n}`: {METHODS[n].description}" for n in result["methods"] if n in METHODS) + "."]
     return "\n".join(lines)
+
+
+def reading(metric: str, diff: float, low: float, high: float) -> str:
+    """What a paired difference says: ahead or behind beyond noise, or level within it."""
+    better = diff if HIGHER_IS_BETTER[metric] else -diff
+    if (low > 0 or high < 0) and better != 0:
+        return "ahead beyond noise" if better > 0 else "behind beyond noise"
+    return "level within noise" + (" (ahead in the point estimate)" if better > 0 else " (behind in the point estimate)" if better < 0 else "")
+
+
+def _comparison_lines(result: dict[str, Any]) -> list[str]:
+    rows = result.get("comparisons") or []  # results.json files from before paired differences have none
+    if not rows:
+        return []
+    metrics = result["metrics"]
+    lines = [
+        "",
+        "Paired differences (both methods on the same resampled users; 95% intervals):",
+        "",
+        "| comparison | " + " | ".join(metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    for row in rows:
+        cells = [f"{row[m][0]:+.3f} [{row[m][1]:+.3f}, {row[m][2]:+.3f}]: {reading(m, *row[m])}" for m in metrics]
+        lines.append(f"| `{row['first']}` - `{row['second']}` | " + " | ".join(cells) + " |")
+    return lines
 
 
 def bar_chart(result: dict[str, Any], path: Path) -> None:

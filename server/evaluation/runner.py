@@ -35,8 +35,8 @@ from server.adapters import (
 from server.bank.build import leave_one_out_examples
 from server.evaluation.config import EvalConfig
 from server.evaluation.folds import Fold, make_folds, read_manifest_json
-from server.evaluation.methods import Method
-from server.evaluation.metrics import METRICS, bootstrap_ci, normalize_label, score
+from server.evaluation.methods import COMPARISONS, Method
+from server.evaluation.metrics import METRICS, bootstrap_ci, normalize_label, paired_difference, score
 from server.evaluation.protocol import EvalUser, eval_users, load_task_users
 from server.settings import ALLOWED_MAX_LORA_RANKS, Settings
 
@@ -398,6 +398,15 @@ def format_timings(timings: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _by_user(users: Sequence[EvalUser], preds: list[str]) -> list[tuple[list[str], list[str]]]:
+    """(predictions, golds) per user, from the users' points in order."""
+    per_user, i = [], 0
+    for u in users:
+        per_user.append((preds[i : i + len(u.points)], [p.gold for p in u.points]))
+        i += len(u.points)
+    return per_user
+
+
 def method_scores(cfg: EvalConfig, users: Sequence[EvalUser], outputs: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
     """Every metric of every method with its user-bootstrap interval (outputs: the users' points in order)."""
     golds = [p.gold for u in users for p in u.points]
@@ -408,17 +417,30 @@ def method_scores(cfg: EvalConfig, users: Sequence[EvalUser], outputs: dict[str,
     methods: dict[str, dict[str, Any]] = {}
     for m in cfg.methods:
         preds = outputs[m.name]
-        per_user, i = [], 0
-        for u in users:
-            per_user.append((preds[i : i + len(u.points)], golds[i : i + len(u.points)]))
-            i += len(u.points)
         values = metric(preds, golds)
-        cis = bootstrap_ci(per_user, metric, resamples=cfg.resamples, seed=cfg.seed)
+        cis = bootstrap_ci(_by_user(users, preds), metric, resamples=cfg.resamples, seed=cfg.seed)
         methods[m.name] = {**values, **{f"{k}_ci": list(cis[k]) for k in values}}
         if cfg.labels:  # how often the answer is one of the task's labels at all
             on_list = {normalize_label(label) for label in cfg.labels}
             methods[m.name]["on_list"] = sum(normalize_label(p) in on_list for p in preds) / max(len(preds), 1)
     return methods
+
+
+def comparisons(cfg: EvalConfig, users: Sequence[EvalUser], outputs: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """The paired differences of `COMPARISONS` whose two methods both ran, with user-bootstrap intervals."""
+
+    def metric(preds: list[str], gold: list[str]) -> dict[str, float]:
+        return score(cfg.kind, preds, gold, cfg.labels)
+
+    rows = []
+    for first, second in COMPARISONS:
+        if first in outputs and second in outputs:
+            diffs = paired_difference(
+                _by_user(users, outputs[first]), _by_user(users, outputs[second]), metric,
+                resamples=cfg.resamples, seed=cfg.seed,
+            )  # fmt: skip
+            rows.append({"first": first, "second": second, **{k: list(v) for k, v in diffs.items()}})
+    return rows
 
 
 def fold_breakdown(
@@ -467,6 +489,7 @@ def score_run(
         "n_points": sum(len(u.points) for u in users),
         "metrics": list(METRICS[cfg.kind]),
         "methods": method_scores(cfg, users, outputs),
+        "comparisons": comparisons(cfg, users, outputs),
         "per_user_bytes": per_user_bytes,
         "training": training,
         "setup": {
