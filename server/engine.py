@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from server.engine_args import EngineSpec
 from server.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -73,23 +74,9 @@ class Engine:
         else:
             log.info("LoRA path: %s", self.lora_path)
         try:
-            from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            args = AsyncEngineArgs(
-                model=str(self.model_path),
-                served_model_name=self.model_id,
-                dtype=s.dtype,
-                seed=s.engine_seed,
-                max_model_len=s.max_model_len,
-                max_num_seqs=s.max_num_seqs,
-                enable_lora=True,
-                max_loras=s.max_loras,
-                max_lora_rank=s.max_lora_rank,
-                max_cpu_loras=s.resolved_max_cpu_loras,
-                gpu_memory_utilization=s.gpu_memory_utilization,
-                disable_log_stats=True,
-            )
+            args = EngineSpec.from_settings(s, self.model_path, self.model_id).async_engine_args()
             self._llm = AsyncLLM.from_engine_args(args)
         except Exception as e:  # noqa: BLE001 - any failure here means "cannot serve"
             raise EngineStartError(f"vLLM engine failed to start for model {self.model_path}: {e!r}") from e

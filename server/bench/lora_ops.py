@@ -301,27 +301,24 @@ def engine_cpu_seconds() -> float:
 
 
 def worker(job_path: Path, mode: str, out: Path) -> None:
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
+
+    from server.engine_args import EngineSpec
 
     job = json.loads(job_path.read_text())
     n = len(job["adapters"])
     started = time.perf_counter()
-    llm = LLM(
+    llm = EngineSpec(
         model=job["model"],
-        dtype="bfloat16",
-        seed=0,
-        enable_lora=True,
         max_loras=job["max_loras"],
         max_lora_rank=job["rank"],
         max_cpu_loras=max(n, job["max_loras"]),
         max_num_seqs=max(n, 8),
         max_model_len=1024,
         enable_prefix_caching=False,
-        disable_log_stats=True,
-        gpu_memory_utilization=0.3,  # on CPU only a start check (RAM that must be free); KV cache: env
-    )
+    ).offline_llm()
     start_seconds = time.perf_counter() - started
     loras = [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(job["adapters"])]
     cell_loras = {"base": None, "one": [loras[0]] * n, "distinct": loras}

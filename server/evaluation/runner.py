@@ -267,26 +267,22 @@ def generate(cfg: EvalConfig, jobs: dict[str, list[Job]]) -> dict[str, list[str]
     """Greedy outputs of every method's prompts, through one vLLM engine with the server's LoRA path."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # a shared machine: let the OS place threads
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
+
+    from server.engine_args import EngineSpec
 
     ranks = [a.rank for js in jobs.values() for _, a in js if a is not None]  # from the cache records
     max_rank = min((r for r in ALLOWED_MAX_LORA_RANKS if r >= max(ranks, default=1)), default=max(ALLOWED_MAX_LORA_RANKS))
     config = json.loads((cfg.model_dir / "config.json").read_text())
-    llm = LLM(
+    llm = EngineSpec(
         model=str(cfg.model_dir),
         dtype=cfg.dtype,
-        seed=0,
-        enable_lora=True,
-        max_loras=8,
         max_lora_rank=max_rank,
         max_cpu_loras=32,
-        max_num_seqs=64,
         max_model_len=min(2048, int(config.get("max_position_embeddings", 2048))),
-        disable_log_stats=True,
-        gpu_memory_utilization=0.3,
-    )
+    ).offline_llm()
     params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.0)
     ids: dict[Path, int] = {}
     outputs: dict[str, list[str]] = {}
