@@ -30,9 +30,9 @@ Steps (docs/architecture.md, section 1):
 
 Resumable: each trained meta-LoRA is kept in a work directory with a fingerprint of
 everything it depends on (model, training config, examples); a rerun skips anchors whose
-fingerprint matches (the fusion-default choice is kept the same way). Deterministic: the same data, model and settings give the same
-anchors and a byte-identical manifest (`bank_version` is a digest of the inputs; no
-timestamps).
+fingerprint matches (the fusion-default choice is kept the same way). Deterministic: the
+same data, model and settings give the same anchors and a byte-identical manifest
+(`bank_version` is a digest of the inputs; no timestamps).
 """
 
 from __future__ import annotations
