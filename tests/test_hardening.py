@@ -620,9 +620,9 @@ class TestAdapterCacheFull:
 def sqlite_server(tmp_path_factory, tiny_model_dir, tiny_bank) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("crash")
     # Room for long generations: graceful shutdown needs requests that are still running, and
-    # the tiny model decodes a token in a few ms, so 512 positions are too few on a quiet machine.
+    # the tiny model decodes a token in a few ms, so even 1900 tokens can end within 4 s.
     env = server_env(
-        tmp, tiny_model_dir, tiny_bank, MTA_MAX_MODEL_LEN="2048", MTA_MAX_TOKENS="1900", MTA_FINETUNE_QUEUE_SIZE="4"
+        tmp, tiny_model_dir, tiny_bank, MTA_MAX_MODEL_LEN="4096", MTA_MAX_TOKENS="3900", MTA_FINETUNE_QUEUE_SIZE="4"
     )
     proc = ServerProcess(tmp, env)
     try:
@@ -756,13 +756,16 @@ class TestCrashAndShutdown:
             server.start()
         with server.client() as c:
             put_profile(c, "graceful", PROFILES["romance"])
-            # Requests that take about 8 s, however busy the machine: long enough to be in flight
+            # Requests that take about 12 s, however busy the machine: long enough to be in flight
             # at the signal even if the load changes, short enough to finish within uvicorn's 30 s.
             generate(c, "graceful", "Tell me a long story.", max_tokens=4)  # the user's adapter: built and loaded
-            start = time.monotonic()  # so the probe times decoding only, not the cold start
-            probe = generate(c, "graceful", "Tell me a long story.", max_tokens=128, min_tokens=128)
-            per_token = (time.monotonic() - start) / max(1, probe["usage"]["completion_tokens"])
-        n_tokens = int(min(1900, max(48, 8.0 / per_token)))  # 1900 + the prompt fit max_model_len
+            took = []  # a short and a long request: their difference is the decoding rate alone,
+            for n in (8, 136):  # without the fixed cost of a request (HTTP, prefill), which is not per token
+                start = time.monotonic()
+                assert generate(c, "graceful", "Tell me a long story.", max_tokens=n, min_tokens=n)["usage"]["completion_tokens"] == n
+                took.append(time.monotonic() - start)
+            per_token = max(1e-4, (took[1] - took[0]) / 128)
+        n_tokens = int(min(3900, max(48, 12.0 / per_token)))  # 3900 + the prompt fit max_model_len
         started = [threading.Event() for _ in range(2)]
         finished = [threading.Event() for _ in range(3)]
         results: list[dict] = [{}, {}, {}]

@@ -108,7 +108,7 @@ def build_tiny_model(
     """Write a tiny random-init causal LM of one of ``ARCHS`` (Llama by default) to ``out_dir``.
 
     2 layers, hidden 128, 2 heads of dim 64 (1 KV head, i.e. GQA like SmolLM2),
-    intermediate 256, 2048 positions, float32 safetensors, a byte-level BPE tokenizer with
+    intermediate 256, 4096 positions, float32 safetensors, a byte-level BPE tokenizer with
     ChatML specials (``<|im_end|>`` is eos and pad) and a ChatML chat template.
     Deterministic for a given ``seed``. Returns ``out_dir``.
 
@@ -149,7 +149,7 @@ def build_tiny_model(
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=2048,
+        max_position_embeddings=4096,
         rms_norm_eps=1e-5,
         initializer_range=initializer_range,
         tie_word_embeddings=tie_word_embeddings,
