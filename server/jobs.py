@@ -610,6 +610,7 @@ class JobRunner:
             self.metrics.finished(job_id, "failed")
             return await read()
         self.metrics.finished(job_id, "succeeded")
+        log.info("fine-tune %s of user %r succeeded: stacked version %s", job_id, user_id, job.get("stacked_version"))
         return job
 
     def _reader(self, job_id: str) -> Callable[[], Awaitable[dict[str, Any] | None]]:

@@ -86,9 +86,9 @@ class ProfileIndexCache:
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
 
-    def forget(self, user_id: str) -> None:
-        """A deleted user's history leaves memory with the user."""
-        for key in [k for k in self._entries if k[0] == user_id]:
+    def forget(self, user_id: str | None) -> None:
+        """A deleted user's history leaves memory with the user (None: every user's)."""
+        for key in [k for k in self._entries if user_id is None or k[0] == user_id]:
             del self._entries[key]
 
 
@@ -282,6 +282,14 @@ class Personalizer:
         if self.cache is not None:
             self.cache.invalidate(lambda k: k.user_id == user_id)
         await self.store.delete_blob(user_id, STACKED_BLOB)
+
+    async def follow_changes(self) -> None:
+        """Forget what this replica caches about users that another replica deleted or a worker
+        re-trained (the store's change feed), so no replica keeps a deleted user's adapter."""
+        async for user_id in self.store.changed_users():
+            if self.cache is not None:
+                self.cache.invalidate(lambda k: k.user_id is not None and user_id in (None, k.user_id))
+            self._indexes.forget(user_id)
 
     def on_bank_swap(self, old: ServedBank | None) -> int:
         """Adapters of the old bank can never be requested again: drop them (in-flight ones finish)."""

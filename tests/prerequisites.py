@@ -19,6 +19,7 @@ PREREQUISITES = {
     "kernel": "the C++ LoRA kernel built (a C++ compiler and an AVX512-BF16 CPU)",
     "userns": "unprivileged user + mount namespaces (unshare -Urm) to mount a tmpfs",
     "compose": "the compose-spec validator and a Docker Compose v2 CLI (the `test` extra)",
+    "proxy": "haproxy, the reverse proxy of the multi-replica test (deploy/haproxy/haproxy.cfg)",
     "kubectl": "kubectl, to check the Python kustomize rendering against `kubectl kustomize`",
 }
 

@@ -119,12 +119,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 log.warning("%d fine-tune job(s) interrupted by the last shutdown were marked failed", failed)
             runner_task = runner.start(stop)
         watchdog = asyncio.create_task(services.engine.watch(lambda: _exit_for_restart(app)))
+        follower = asyncio.create_task(services.personalizer.follow_changes())
         log.info("ready: model %s, bank %s", services.engine.model_id, services.banks.current.version)
         try:
             yield
         finally:
             stop.set()
             watchdog.cancel()
+            follower.cancel()
             if runner is not None and runner_task is not None:
                 runner.interrupt()
                 try:

@@ -11,7 +11,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
@@ -110,6 +110,12 @@ class UserStore(Protocol):
     async def delete_blob(self, user_id: str, name: str) -> bool: ...
 
     async def count_users(self) -> int: ...
+
+    def changed_users(self) -> AsyncIterator[str | None]:
+        """Users whose stacked LoRA was replaced or removed, or who were deleted, by any process
+        sharing the store, for as long as the caller iterates. None: changes may have been missed
+        (at the start, after a reconnect), so a caller forgets every user's cached state."""
+        ...
 
     # --- fine-tune jobs: records, one active job per user, a FIFO queue of job ids ----
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -83,6 +83,8 @@ _MIN_BLOCKING_TIMEOUT = 0.01
 _ACTIVE_STATUSES = JOB_STATUSES - TERMINAL_JOB_STATUSES
 # Jobs read per round trip by the one-time `_index_jobs` pass.
 _INDEX_BATCH = 500
+_RESUBSCRIBE_DELAY = 0.5  # seconds, doubled after each failed attempt up to the maximum
+_RESUBSCRIBE_MAX_DELAY = 10.0
 
 _USER_FIELDS = ("items", "embedding", "embedding_model", "profile_version", "updated_at")
 
@@ -100,6 +102,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local version = redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[2], 'version', version, 'data', ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
 return version
 """
 
@@ -275,6 +278,7 @@ class RedisUserStore:
                     pipe.zrem(index, *job_ids)
             for job_id in job_ids:
                 pipe.lrem(self._queue_key, 0, job_id)
+            pipe.publish(self._changes_channel, user_id)
 
         with self._errors():
             results = await self._client().transaction(delete, names_key, jobs_key)
@@ -291,7 +295,9 @@ class RedisUserStore:
             self._blob_version_key,
         ]
         with self._errors():
-            version = await self._put_blob(keys=keys, args=[name, data], client=self._client())
+            version = await self._put_blob(
+                keys=keys, args=[name, data, self._changes_channel, user_id], client=self._client()
+            )
         if version == 0:
             raise UserNotFound(f"no profile for user {user_id!r}: store it before its blobs")
         return int(version)
@@ -310,12 +316,33 @@ class RedisUserStore:
             async with self._client().pipeline(transaction=True) as pipe:
                 pipe.delete(self._blob_key(user_id, name))
                 pipe.srem(self._blob_names_key(user_id), name)
-                deleted, _ = await pipe.execute()
+                pipe.publish(self._changes_channel, user_id)
+                deleted, *_ = await pipe.execute()
         return deleted == 1
 
     async def count_users(self) -> int:
         with self._errors():
             return await self._client().scard(self._users_key)
+
+    async def changed_users(self) -> AsyncIterator[str | None]:
+        """Subscribed to the store's change channel (every write above that changes what a replica
+        may have cached publishes the user id); resubscribes after an outage, with backoff."""
+        delay = _RESUBSCRIBE_DELAY
+        while True:
+            pubsub = self._client().pubsub()
+            try:
+                await pubsub.subscribe(self._changes_channel)
+                delay = _RESUBSCRIBE_DELAY
+                yield None  # what was published while unsubscribed is lost
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None:
+                        yield message["data"].decode()
+            except (RedisError, OSError):
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, _RESUBSCRIBE_MAX_DELAY)
+            finally:
+                await pubsub.aclose()
 
     async def put_job(self, job_id: str, data: dict[str, Any]) -> None:
         await self._write_job(encode_job(job_id, data), "put", ())
@@ -567,6 +594,10 @@ class RedisUserStore:
     @property
     def _users_key(self) -> str:
         return f"{self.key_prefix}users"
+
+    @property
+    def _changes_channel(self) -> str:  # a pub/sub channel: `changed_users`
+        return f"{self.key_prefix}user-changes"
 
     @property
     def _blob_version_key(self) -> str:

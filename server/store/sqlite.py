@@ -15,7 +15,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -245,6 +245,11 @@ class SQLiteUserStore:
 
     async def count_users(self) -> int:
         return await self._run(lambda conn: conn.execute("SELECT COUNT(*) FROM users").fetchone()[0])
+
+    async def changed_users(self) -> AsyncIterator[str | None]:
+        """None, then nothing: a SQLite store has one serving process, which forgets what it changes."""
+        yield None
+        await asyncio.Event().wait()
 
     async def put_job(self, job_id: str, data: dict[str, Any]) -> None:
         job = encode_job(job_id, data)
