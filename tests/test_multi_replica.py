@@ -351,6 +351,7 @@ def test_a_bank_rollout_to_every_replica_under_load_fails_no_request(cluster):
         seen[record["served_by"], record["bank_version"]] += 1
     assert all(seen[r, v] >= 2 for r in REPLICAS for v in (old, new)), seen
     assert {cluster.bank_version(r) for r in REPLICAS} == {new}
+    print(f"bank rollout under load: {len(traffic.records)} requests, 0 failed; {dict(seen)}")
 
 
 def test_a_redis_restart_under_load_is_a_503_and_recovers_without_losing_anything(cluster):
@@ -382,6 +383,11 @@ def test_a_redis_restart_under_load_is_a_503_and_recovers_without_losing_anythin
         assert c.get(f"/jobs/{before['job_id']}").json()["status"] == "succeeded"
         assert served(generate(c, users[0]))["stacked_version"] == before["stacked_version"]
     finetune(cluster, users[1], through=REPLICAS[1], status_via=REPLICAS[0])  # the worker recovered too
+    recovered = min(r["end"] for r in traffic.records if r["start"] > up and r.get("status") == 200) - up
+    print(
+        f"Redis restarted under load (down {up - down:.1f} s): {len(traffic.records)} requests, "
+        f"{statuses[503]} answered 503, none lost; first success {recovered:.2f} s after Redis was back"
+    )
 
 
 def test_a_replica_killed_under_load_hands_its_users_to_the_other_and_loses_no_write(cluster):

@@ -742,6 +742,37 @@ async def test_redis_outage_then_recovery_with_the_same_store(private_redis_serv
         await store.close()
 
 
+async def test_redis_change_feed_names_changed_users_and_resubscribes_after_an_outage(private_redis_server: RedisServer) -> None:
+    """What another replica needs to drop cached adapters: deletes and stacked-LoRA writes, by user;
+    after an outage a None (changes may have been missed) before the feed goes on."""
+    writer = RedisUserStore(private_redis_server.url, key_prefix="mta-test:")
+    reader = RedisUserStore(private_redis_server.url, key_prefix="mta-test:")
+    feed = reader.changed_users()
+    try:
+        assert await asyncio.wait_for(anext(feed), 5) is None  # subscribed
+        await writer.put_profile("u", ITEMS, None, None)  # a new profile version: nothing cached goes stale
+        await writer.put_blob("u", LORA, b"x")
+        await writer.delete_blob("u", LORA)
+        await writer.put_profile("v", ITEMS, None, None)
+        await writer.delete_user("v")
+        assert [await asyncio.wait_for(anext(feed), 5) for _ in range(3)] == ["u", "u", "v"]
+        with pytest.raises(UserNotFound):  # no such user: nothing changed, nothing published
+            await writer.put_blob("w", LORA, b"y")
+        private_redis_server.stop()
+        pending = asyncio.ensure_future(anext(feed))
+        await asyncio.sleep(1.5)
+        assert not pending.done()  # retrying, not failing
+        private_redis_server.start()
+        assert await asyncio.wait_for(pending, 15) is None  # resubscribed: forget everything once
+        await writer.put_profile("u", ITEMS, None, None)
+        await writer.delete_user("u")
+        assert await asyncio.wait_for(anext(feed), 5) == "u"
+    finally:
+        await feed.aclose()
+        await reader.close()
+        await writer.close()
+
+
 async def test_redis_hung_server_times_out(private_redis_server: RedisServer) -> None:
     """A server that accepts but never answers (SIGSTOP) must not hang the caller."""
     store = RedisUserStore(private_redis_server.url, key_prefix="mta-test:", timeout=0.5)
