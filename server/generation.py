@@ -68,6 +68,7 @@ class GenerationResult:
             "stacked_version": self.ctx.stacked.version if self.ctx.stacked else None,
             "stacked_bank_version": self.ctx.stacked.bank_version if self.ctx.stacked else None,
             "stacked_stale": self.ctx.stacked_stale,
+            "stacked_error": self.ctx.stacked_error,
             "adapter": (
                 {"lora_int_id": self.lease.lora_int_id, "rank": self.lease.rank, "cache_hit": self.lease.cache_hit}
                 if self.lease and plan is not None

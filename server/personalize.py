@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -22,6 +23,8 @@ from server.prompts import ProfileIndex
 from server.settings import Settings
 from server.stacking import STACKED_BLOB, StackedBlob
 from server.store import ProfileChanged, UserRecord, UserStore
+
+log = logging.getLogger(__name__)
 
 APPEND_ATTEMPTS = 8  # conditional writes an append tries before answering 409 (each loses only to another write)
 
@@ -44,6 +47,7 @@ class UserContext:
     history: list[str]
     stacked: StackedBlob | None = None  # the user's stacked LoRA, if any (served only if not stale)
     history_index: ProfileIndex | None = None  # `history` with its BM25 index (cached per profile version)
+    stacked_error: str | None = None  # why `stacked` cannot be served on this model (corrupt, other layers)
 
     @property
     def personalized(self) -> bool:
@@ -52,36 +56,35 @@ class UserContext:
     @property
     def stacked_stale(self) -> bool:
         """Trained over another bank's fused adapter: served fused-only until fine-tuned again."""
-        return self.stacked is not None and self.stacked.bank_version != self.served.version
+        return self.stacked is not None and self.stacked_error is None and self.stacked.bank_version != self.served.version
 
     @property
     def serves_stacked(self) -> bool:
-        return self.plan is not None and self.stacked is not None and not self.stacked_stale
+        return self.plan is not None and self.stacked is not None and self.stacked_error is None and not self.stacked_stale
 
 
-# (user, profile version, time of the write, bank load): a deleted and re-created profile, or a version
-# issued twice by a store that lost writes, has another write time; another bank may render differently.
-IndexKey = tuple[str, int, float, str]
+V = TypeVar("V")
 
 
-class ProfileIndexCache:
-    """Users' rendered histories with their BM25 indexes, LRU-bounded: a request no longer renders
-    and indexes the whole profile again (only a new profile version does)."""
+class UserLru(Generic[V]):
+    """What a request derives from a user's stored data, LRU-bounded, keyed by tuples that start
+    with the user id: the rendered history with its BM25 index (so a request no longer renders and
+    indexes the whole profile again), the verdict on a stacked LoRA."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._entries: OrderedDict[IndexKey, ProfileIndex] = OrderedDict()
+        self._entries: OrderedDict[tuple, V] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: IndexKey) -> ProfileIndex | None:
-        if (index := self._entries.get(key)) is not None:
+    def get(self, key: tuple) -> V | None:
+        if (value := self._entries.get(key)) is not None:
             self._entries.move_to_end(key)
-        return index
+        return value
 
-    def put(self, key: IndexKey, index: ProfileIndex) -> None:
-        self._entries[key] = index
+    def put(self, key: tuple, value: V) -> None:
+        self._entries[key] = value
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
@@ -116,7 +119,8 @@ class Personalizer:
         self.metrics = metrics
         self._base_needs_zero_adapter = settings.device == "cpu" and not settings.fast_cpu_lora_ops
         self._adapter_dtype = serving_dtype(settings.dtype)
-        self._indexes = ProfileIndexCache(settings.profile_index_cache_size)
+        self._indexes: UserLru[ProfileIndex] = UserLru(settings.profile_index_cache_size)
+        self._stacked_checks: UserLru[str] = UserLru(settings.profile_index_cache_size)  # "" = servable
 
     def validate_items(self, items: list[dict[str, Any]]) -> None:
         """The profile limits (count, size, some text per item); InvalidInput names the first problem."""
@@ -195,10 +199,28 @@ class Personalizer:
             )
         blob = await self.store.get_blob(user_id, STACKED_BLOB)
         stacked = StackedBlob.parse(*blob) if blob else None
-        return UserContext(user_id, served, record, self._plan(served, record), index.history, stacked, index)
+        error = await self._check_stacked(user_id, stacked) if stacked else None
+        return UserContext(user_id, served, record, self._plan(served, record), index.history, stacked, index, error)
+
+    async def _check_stacked(self, user_id: str, stacked: StackedBlob) -> str | None:
+        """Why the stored stacked LoRA cannot be served on this model (None: it can). Checked once
+        per content: a corrupt blob is reported in the response and served fused-only, never
+        handed to vLLM (which would fail the request, or the engine)."""
+        digest = await asyncio.to_thread(lambda: stacked.digest)  # cached: the adapter key uses it too
+        key = (user_id, stacked.version, digest)
+        if (verdict := self._stacked_checks.get(key)) is None:
+            verdict = "; ".join(await asyncio.to_thread(stacked.problems, self.banks.targets))
+            if verdict:
+                log.warning("user %r: stacked LoRA version %d is not served: %s", user_id, stacked.version, verdict)
+            self._stacked_checks.put(key, verdict)
+        return verdict or None
 
     async def _history_index(self, served: ServedBank, record: UserRecord) -> ProfileIndex:
-        """The rendered history and its BM25 index: built off the event loop, once per profile version."""
+        """The rendered history and its BM25 index: built off the event loop, once per profile version.
+
+        Keyed by (user, profile version, time of the write, bank load): a deleted and re-created
+        profile, or a version issued twice by a store that lost writes, has another write time;
+        another bank may render differently."""
         key = (record.user_id, record.profile_version, record.updated_at, served.uid)
         if (index := self._indexes.get(key)) is None:
             items = record.items
@@ -272,7 +294,7 @@ class Personalizer:
         if ctx.record is None:
             raise NotFound(f"user {user_id!r} not found")
         self.forget_adapters(ctx)
-        self._indexes.forget(user_id)
+        self._forget_derived(user_id)
         await self.store.delete_user(user_id)
 
     async def delete_stacked(self, user_id: str) -> None:
@@ -289,7 +311,11 @@ class Personalizer:
         async for user_id in self.store.changed_users():
             if self.cache is not None:
                 self.cache.invalidate(lambda k: k.user_id is not None and user_id in (None, k.user_id))
-            self._indexes.forget(user_id)
+            self._forget_derived(user_id)
+
+    def _forget_derived(self, user_id: str | None) -> None:
+        self._indexes.forget(user_id)
+        self._stacked_checks.forget(user_id)
 
     def on_bank_swap(self, old: ServedBank | None) -> int:
         """Adapters of the old bank can never be requested again: drop them (in-flight ones finish)."""

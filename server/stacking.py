@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from server.adapters import LoraWeights, adapter_from_bytes, adapter_metadata, adapter_to_bytes
+from server.adapters.targets import ModelTargets
 from server.prompts import retrieve_top1, user_content
 from server.settings import Settings
 from server.training import Example, TrainConfig, TrainResult, train_lora
@@ -33,11 +34,24 @@ class StackedBlob:
 
     @classmethod
     def parse(cls, version: int, data: bytes) -> StackedBlob:
-        meta = adapter_metadata(data)
+        """Never raises: unreadable bytes surface in `problems`, so a corrupt blob fails no request."""
+        try:
+            meta = adapter_metadata(data)
+        except ValueError:
+            meta = {}
         return cls(version, meta.get("bank_version", ""), meta.get("job_id", ""), data)
 
     def lora(self) -> LoraWeights:
         return adapter_from_bytes(self.data)
+
+    def problems(self, targets: ModelTargets) -> list[str]:
+        """Why vLLM could not serve it on this model (unreadable bytes, unknown modules, wrong
+        shapes); empty if it can."""
+        try:
+            lora = self.lora()
+        except ValueError as e:
+            return [str(e)]
+        return targets.problems("stacked LoRA", lora)
 
     @cached_property
     def digest(self) -> str:

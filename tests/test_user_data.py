@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import torch
 
 from .conftest import server_env
 from .server_process import ServerProcess
@@ -132,3 +135,61 @@ def test_export_returns_everything_stored(server: ServerProcess) -> None:
         assert "Which tag fits" not in r.text  # no training example anywhere
         assert c.delete(f"/users/{user}").status_code == 204
         assert c.get(f"/users/{user}/export").status_code == 404
+
+
+def _store_url(server: ServerProcess) -> str:
+    return server.env.get("MTA_STORE_URL") or f"sqlite:///{Path(server.env['MTA_DATA_DIR']) / 'users.db'}"
+
+
+async def _put_stacked(server: ServerProcess, user: str, data: bytes) -> None:
+    """A stacked LoRA written behind the server's back (a bad migration, a bit flip, another model's)."""
+    from server.stacking import STACKED_BLOB
+    from server.store import open_store
+
+    store = open_store(_store_url(server))
+    try:
+        await store.put_blob(user, STACKED_BLOB, data)
+    finally:
+        await store.close()
+
+
+def _stacked_blob(kind: str, bank_version: str, tiny_model_config: dict) -> tuple[bytes, str]:
+    """A blob the served model cannot take, and what the server must say about it."""
+    from server.adapters import LoraWeights
+    from server.stacking import stacked_to_bytes
+
+    hidden = tiny_model_config["hidden_size"]
+    module = "model.layers.0.self_attn.o_proj"
+    if kind == "garbage":
+        return b"\x00" * 64, "not a safetensors blob"
+    if kind == "other_model":  # a LoRA trained for a model twice as wide
+        a, b = {module: torch.zeros(2, 2 * hidden)}, {module: torch.zeros(2 * hidden, 2)}
+        expected = f"maps {2 * hidden}->{2 * hidden}, the model's maps {hidden}->{hidden}"
+    else:  # unknown_module
+        a, b = {"model.layers.0.mlp.fc9": torch.zeros(2, hidden)}, {"model.layers.0.mlp.fc9": torch.zeros(hidden, 2)}
+        expected = "is not a linear layer of this model"
+    return stacked_to_bytes(LoraWeights(a=a, b=b, scaling=1.0), bank_version=bank_version, job_id="ft-x"), expected
+
+
+@pytest.mark.parametrize("kind", ["garbage", "other_model", "unknown_module"])
+def test_a_stacked_lora_the_model_cannot_take_is_reported_and_not_served(server: ServerProcess, tiny_model_config, kind: str) -> None:
+    user = f"bad-stacked-{uuid.uuid4().hex[:8]}"
+    body = {"user_id": user, "prompt": "Which tag fits a movie about a heist?", "max_tokens": 6}
+    with server.client() as c:
+        profile = c.put(f"/users/{user}/profile", json={"items": _items("crime", 3)}).json()
+        fused = c.post("/generate", json=body).json()
+        data, expected = _stacked_blob(kind, profile["bank_version"], tiny_model_config)
+        asyncio.run(_put_stacked(server, user, data))
+        for _ in range(2):  # checked once, remembered: the same answer on a warm request
+            r = c.post("/generate", json=body)
+            assert r.status_code == 200, r.text
+            out = r.json()
+            assert out["personalized"] is True and out["stacked"] is False and not out["stacked_stale"], out
+            assert expected in out["stacked_error"], out["stacked_error"]
+            assert out["token_ids"] == fused["token_ids"]  # the fused adapter alone
+        view = c.get(f"/users/{user}").json()
+        assert expected in view["stacked"]["error"] and view["stacked"]["bytes"] == len(data)
+        assert c.delete(f"/users/{user}/stacked").status_code == 204
+        out = c.post("/generate", json=body).json()
+        assert out["stacked_error"] is None and out["token_ids"] == fused["token_ids"]
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200  # the engine lives on

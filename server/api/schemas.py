@@ -147,6 +147,9 @@ class GenerateResponse(BaseModel):
     stacked_version: int | None = None
     stacked_bank_version: str | None = Field(None, description="Bank the stacked LoRA was trained against.")
     stacked_stale: bool = Field(False, description="Stacked LoRA from another bank: not served; fine-tune again.")
+    stacked_error: str | None = Field(
+        None, description="Why the stored stacked LoRA cannot be served on this model (unreadable, other layers): not served; fine-tune again or delete it."
+    )
     adapter: AdapterInfo | None
     usage: Usage
 
@@ -165,7 +168,7 @@ class UserView(BaseModel):
     bank_version: str
     fusion_mode: str
     anchors: list[dict[str, Any]] = Field(description="Nearest anchors: id, similarity, fusion weight.")
-    stacked: dict[str, Any] | None = Field(None, description="The stored stacked LoRA: version, bank_version, stale, bytes.")
+    stacked: dict[str, Any] | None = Field(None, description="The stored stacked LoRA: version, bank_version, stale, error (why it cannot be served), bytes.")
     stored_bytes: dict[str, int] = Field(description="Bytes stored for this user: profile, embedding, stacked LoRA.")
 
 

@@ -36,7 +36,7 @@ def _view(ctx: UserContext) -> dict:
         "bank_version": ctx.served.version,
         "fusion_mode": ctx.plan.mode,
         "anchors": [{"id": a, "similarity": round(s, 6), "weight": weights.get(a, 0.0)} for a, s in ctx.plan.retrieved],
-        "stacked": {**_stacked_view(stacked), "stale": ctx.stacked_stale} if stacked else None,
+        "stacked": {**_stacked_view(stacked), "stale": ctx.stacked_stale, "error": ctx.stacked_error} if stacked else None,
         "stored_bytes": {
             "profile": profile_bytes,
             "embedding": embedding_bytes,
