@@ -38,6 +38,7 @@ JOB_ID = re.compile(r"ft-[0-9a-f]{16}")
 ADAPTER_DIR = re.compile(r"[0-9]+-[0-9a-f]{24}")
 REQUEST_TIMEOUT = 30  # seconds: a request that takes longer counts as a hang
 FUZZ_EXAMPLES = 25  # per operation, generation mode (positive, negative) and, on /admin, token (right, wrong)
+STATEFUL_SEQUENCES = 50  # link-following call sequences of up to 6 steps
 
 
 def assert_error(r: httpx.Response, status: int, *fragments: str) -> dict:
@@ -310,7 +311,8 @@ class TestRedisReplica:
         each must answer within REQUEST_TIMEOUT with a status below 500, and as the schema says:
         a documented status and content type, a body matching the documented schema (errors in
         the envelope), and invalid input refused. The admin operations are fuzzed with the admin
-        token and with a wrong one. Stateful link sequences are not run (their cost; see FUZZ_EXAMPLES)."""
+        token and with a wrong one. Then stateful sequences follow the schema's links (PUT profile ->
+        generate, get, export, fine-tune -> job, delete) with the same checks."""
         import schemathesis
         from hypothesis import HealthCheck, Phase, given, settings
         from hypothesis.errors import Unsatisfiable
@@ -404,7 +406,37 @@ class TestRedisReplica:
                     stream(operation)
                 except (Exception, BaseExceptionGroup) as e:  # noqa: BLE001
                     failures.append(f"{operation.label} (streamed): {type(e).__name__}: {e}")
+
+        calls: Counter = Counter()
+
+        class Stateful(schema.as_state_machine()):  # type: ignore[misc]
+            def get_call_kwargs(self, case) -> dict:
+                return {"headers": ADMIN, "timeout": REQUEST_TIMEOUT}
+
+            def after_call(self, response, case) -> None:
+                calls[case.operation.label, response.status_code] += 1
+
+            def validate_response(self, response, case, additional_checks=None, **kwargs) -> None:
+                case.validate_response(response, checks=checks, headers=ADMIN)
+
+        try:
+            Stateful.run(
+                settings=settings(
+                    max_examples=STATEFUL_SEQUENCES,
+                    stateful_step_count=6,
+                    deadline=None,
+                    database=None,
+                    derandomize=True,
+                    suppress_health_check=list(HealthCheck),
+                )
+            )
+        except (Exception, BaseExceptionGroup) as e:  # noqa: BLE001
+            failures.append(f"stateful: {type(e).__name__}: {e}")
         assert not failures, "\n\n".join(failures)
+        # The links were followed with the ids they carry: the sequences reached the user and job
+        # a previous step created, not only random ids (404s).
+        followed = {label for (label, status), n in calls.items() if status < 300}
+        assert {"POST /generate", "GET /users/{user_id}", "DELETE /users/{user_id}", "GET /jobs/{job_id}"} <= followed, calls
         assert operations >= 14, operations
         assert sum(n for s, n in statuses.items() if s < 300) >= 30, statuses  # it got past validation too
         assert statuses[403] >= FUZZ_EXAMPLES, statuses  # the wrong admin token was refused

@@ -142,6 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Merge-then-Adapt: per-user fused meta-LoRAs served by vLLM multi-LoRA.",
         lifespan=lifespan,
+        generate_unique_id_function=lambda route: route.name,  # operation ids: the route functions' names
         responses=error_responses(413, 500),  # any route: a declared Content-Length over the limit, a bug
     )
     install_error_handlers(app)

@@ -133,12 +133,11 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class GenerateResponse(BaseModel):
-    id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    user_id: str
+class Personalization(BaseModel):
+    """How a response was personalized: every generation carries it (`/generate` inline, the
+    OpenAI-compatible routes as `personalization`)."""
+
+    user_id: str | None = Field(description="None on an OpenAI-compatible request without `user`.")
     personalized: bool
     anchors: list[AnchorWeight]
     bank_version: str
@@ -151,7 +150,55 @@ class GenerateResponse(BaseModel):
         None, description="Why the stored stacked LoRA cannot be served on this model (unreadable, other layers): not served; fine-tune again or delete it."
     )
     adapter: AdapterInfo | None
+
+
+class GenerateResponse(Personalization):
+    user_id: str
+    id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
     usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+
+
+class _OpenAIResponse(BaseModel):
+    id: str
+    created: int
+    model: str
+    usage: Usage
+    personalization: Personalization
+
+
+class CompletionResponse(_OpenAIResponse):
+    """OpenAI's completion object, plus how it was personalized."""
+
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]
+
+
+class ChatCompletionResponse(_OpenAIResponse):
+    """OpenAI's chat completion object, plus how it was personalized."""
+
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
 
 
 class ProfileRequest(_Strict):
@@ -286,6 +333,28 @@ class ReloadView(BaseModel):
     path: str
     anchors: int
     invalidated_adapters: int = Field(description="Cached adapters of the old bank dropped by the swap.")
+
+
+class RunnerHealth(BaseModel):
+    """The fine-tune runner as /readyz sees it: `worker` (jobs run in `mta worker`), or the
+    embedded runner's state and progress."""
+
+    model_config = ConfigDict(extra="allow")
+    mode: Literal["inprocess", "worker"]
+    ok: bool = True
+    state: str | None = None
+    job_id: str | None = None
+    seconds_since_progress: float | None = None
+    store_error: str | None = None
+
+
+class ReadyView(BaseModel):
+    status: Literal["ready"]
+    bank_version: str
+    model: str
+    lora_path: str | None = Field(description="How LoRA layers run: kernel, grouped ops, or vLLM's stock ops.")
+    lora_path_note: str | None = Field(None, description="Why a faster path was asked for and not used.")
+    finetune_runner: RunnerHealth
 
 
 class HealthView(BaseModel):

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Path, Response
 
 from server.api.deps import ServicesDep, UserIdPath
 from server.api.errors import error_responses
+from server.api.links import JOB_LINKS
 from server.api.schemas import FinetuneRequest, JobView
 from server.jobs import FinetuneParams
 
@@ -14,7 +15,7 @@ router = APIRouter(tags=["finetune"])
 
 @router.post(
     "/users/{user_id}/finetune", status_code=202, response_model=JobView,
-    responses=error_responses(400, 404, 409, 422, 429, 503),
+    responses={202: JOB_LINKS, **error_responses(400, 404, 409, 422, 429, 503)},
 )  # fmt: skip
 async def finetune(body: FinetuneRequest, services: ServicesDep, response: Response, user_id: str = UserIdPath) -> dict:
     s = services.settings

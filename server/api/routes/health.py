@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 
 from server.api.deps import ServicesDep
 from server.api.errors import error_response, error_responses
-from server.api.schemas import HealthView
+from server.api.schemas import HealthView, ReadyView
 from server.store import StoreUnavailable
 
 router = APIRouter(tags=["health"])
@@ -17,7 +17,7 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses=error_responses(503))
+@router.get("/readyz", response_model=ReadyView, responses=error_responses(503))
 async def readyz(services: ServicesDep):
     """Ready only when the engine runs, a bank is loaded, the store answers and the embedded
     fine-tune runner (if any) is alive and not wedged."""

@@ -8,7 +8,13 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import ServicesDep
-from server.api.schemas import ChatCompletionRequest, CompletionRequest, ModelList
+from server.api.schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+)
 from server.api.streaming import GENERATION_RESPONSES, primed, sse
 from server.generation import GenerationInput, GenerationResult
 
@@ -65,12 +71,12 @@ async def _respond(services, inp: GenerationInput, model: str | None, stream: bo
     return StreamingResponse(await primed(events()), media_type="text/event-stream")
 
 
-@router.post("/completions", responses=GENERATION_RESPONSES)
+@router.post("/completions", response_model=CompletionResponse, responses=GENERATION_RESPONSES)
 async def completions(req: CompletionRequest, services: ServicesDep):
     return await _respond(services, req.to_input(), req.model, req.stream, chat=False)
 
 
-@router.post("/chat/completions", responses=GENERATION_RESPONSES)
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=GENERATION_RESPONSES)
 async def chat_completions(req: ChatCompletionRequest, services: ServicesDep):
     return await _respond(services, req.to_input(), req.model, req.stream, chat=True)
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Response
 
 from server.api.deps import ServicesDep, UserIdPath
 from server.api.errors import error_responses
+from server.api.links import USER_LINKS
 from server.api.schemas import AppendItemsView, ProfileRequest, UserExport, UserView
 from server.errors import NotFound
 from server.jobs import public_view
@@ -46,12 +47,12 @@ def _view(ctx: UserContext) -> dict:
     }
 
 
-@router.put("/{user_id}/profile", response_model=UserView, responses=error_responses(400, 422, 503))
+@router.put("/{user_id}/profile", response_model=UserView, responses={200: USER_LINKS, **error_responses(400, 422, 503)})
 async def put_profile(body: ProfileRequest, services: ServicesDep, user_id: str = UserIdPath):
     return _view(await services.personalizer.put_profile(user_id, body.items))
 
 
-@router.post("/{user_id}/items", response_model=AppendItemsView, responses=error_responses(400, 409, 422, 503))
+@router.post("/{user_id}/items", response_model=AppendItemsView, responses={200: USER_LINKS, **error_responses(400, 409, 422, 503)})
 async def append_items(body: ProfileRequest, services: ServicesDep, user_id: str = UserIdPath):
     """Append history items (creates the profile if absent); keeps the newest MTA_MAX_PROFILE_ITEMS."""
     ctx, dropped = await services.personalizer.append_items(user_id, body.items)
