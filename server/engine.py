@@ -61,8 +61,6 @@ class Engine:
         from server.lora_ops.kernel import KernelBuildError
 
         s = self.settings
-        if s.device == "cpu":
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(s.cpu_kvcache_space_gb))
         os.environ["MTA_FAST_CPU_LORA_OPS"] = "1" if s.fast_cpu_lora_ops else "0"
         try:  # built here, once: the engine's processes then load it from torch's extensions cache
             self.lora_path = prepare_lora_path(s.device, served_dtype(s, self.model_path), s.fast_cpu_lora_ops)

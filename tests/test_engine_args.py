@@ -22,3 +22,14 @@ def test_unset_sizes_are_left_to_vllm():
     kwargs = spec.kwargs()
     assert "max_cpu_loras" not in kwargs and "enable_prefix_caching" not in kwargs
     assert kwargs["enable_lora"] is True and kwargs["disable_log_stats"] is True
+
+
+def test_the_cpu_sizes_vllm_reads_from_the_environment_are_set_unless_the_operator_set_them(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    spec = EngineSpec(model="m", cpu_kvcache_space_gb=3, cpu_threads_bind="nobind")
+    assert spec.environment() == {"VLLM_CPU_KVCACHE_SPACE": "3", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+    assert "cpu_kvcache_space_gb" not in spec.kwargs() and "cpu_threads_bind" not in spec.kwargs()  # not vLLM arguments
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in EngineSpec(model="m").environment()  # unset: vLLM's default binding
+    settings = Settings(cpu_kvcache_space_gb=5)
+    assert EngineSpec.from_settings(settings, "m", "m").environment()["VLLM_CPU_KVCACHE_SPACE"] == "5"

@@ -146,9 +146,6 @@ def run_worker(job_path: Path, mode: str, workdir: Path) -> dict[str, Any]:
         **os.environ,
         "MTA_FAST_CPU_LORA_OPS": "1" if mode == "ours" else "0",
         "MTA_LORA_OPS_STATS_DIR": str(stats_dir),
-        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-        # A shared machine: let the OS place the threads (pinned threads wait for busy cores).
-        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
         # vLLM's ops can take minutes for one step on a busy CPU (its default limit is 300 s).
         "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600"),
         "TOKENIZERS_PARALLELISM": "false",
@@ -318,6 +315,7 @@ def worker(job_path: Path, mode: str, out: Path) -> None:
         max_num_seqs=max(n, 8),
         max_model_len=1024,
         enable_prefix_caching=False,
+        cpu_threads_bind="nobind",  # a shared machine: pinned threads would wait for busy cores
     ).offline_llm()
     start_seconds = time.perf_counter() - started
     loras = [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(job["adapters"])]

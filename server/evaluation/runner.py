@@ -18,9 +18,8 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,8 +264,6 @@ Job = tuple[list[int], Adapter | None]  # prompt token ids, the user's adapter (
 
 def generate(cfg: EvalConfig, jobs: dict[str, list[Job]]) -> dict[str, list[str]]:
     """Greedy outputs of every method's prompts, through one vLLM engine with the server's LoRA path."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # a shared machine: let the OS place threads
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
@@ -282,6 +279,7 @@ def generate(cfg: EvalConfig, jobs: dict[str, list[Job]]) -> dict[str, list[str]
         max_lora_rank=max_rank,
         max_cpu_loras=32,
         max_model_len=min(2048, int(config.get("max_position_embeddings", 2048))),
+        cpu_threads_bind="nobind",  # a shared machine: let the OS place threads
     ).offline_llm()
     params = SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.0)
     ids: dict[Path, int] = {}
@@ -403,13 +401,15 @@ def _by_user(users: Sequence[EvalUser], preds: list[str]) -> list[tuple[list[str
     return per_user
 
 
+def _metric(cfg: EvalConfig) -> Callable[[list[str], list[str]], dict[str, float]]:
+    """The task's metrics of (predictions, golds), as the bootstrap resamples them."""
+    return functools.partial(score, cfg.kind, labels=cfg.labels)
+
+
 def method_scores(cfg: EvalConfig, users: Sequence[EvalUser], outputs: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
     """Every metric of every method with its user-bootstrap interval (outputs: the users' points in order)."""
     golds = [p.gold for u in users for p in u.points]
-
-    def metric(preds: list[str], gold: list[str]) -> dict[str, float]:
-        return score(cfg.kind, preds, gold, cfg.labels)
-
+    metric = _metric(cfg)
     methods: dict[str, dict[str, Any]] = {}
     for m in cfg.methods:
         preds = outputs[m.name]
@@ -424,10 +424,7 @@ def method_scores(cfg: EvalConfig, users: Sequence[EvalUser], outputs: dict[str,
 
 def comparisons(cfg: EvalConfig, users: Sequence[EvalUser], outputs: dict[str, list[str]]) -> list[dict[str, Any]]:
     """The paired differences of `COMPARISONS` whose two methods both ran, with user-bootstrap intervals."""
-
-    def metric(preds: list[str], gold: list[str]) -> dict[str, float]:
-        return score(cfg.kind, preds, gold, cfg.labels)
-
+    metric = _metric(cfg)
     rows = []
     for first, second in COMPARISONS:
         if first in outputs and second in outputs:
