@@ -57,7 +57,7 @@ class Engine:
 
     def start(self) -> None:
         """Start vLLM (its engine core runs in a subprocess); raise EngineStartError with the reason."""
-        from server.lora_ops import prepare_lora_path, untested_vllm
+        from server.lora_ops import prepare_lora_path, unavailable
         from server.lora_ops.kernel import KernelBuildError
 
         s = self.settings
@@ -66,7 +66,7 @@ class Engine:
             self.lora_path = prepare_lora_path(s.device, served_dtype(s, self.model_path), s.fast_cpu_lora_ops)
         except KernelBuildError as e:
             raise EngineStartError(str(e)) from e
-        if s.device == "cpu" and s.fast_cpu_lora_ops and (note := untested_vllm()) is not None:
+        if s.device == "cpu" and s.fast_cpu_lora_ops and (note := unavailable()) is not None:
             self.lora_path_note = note
             log.warning("LoRA path: %s (%s)", self.lora_path, note)
         else:

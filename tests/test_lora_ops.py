@@ -1,4 +1,5 @@
-"""The CPU LoRA ops (server/lora_ops) against vLLM's own ops, the plugin, and the server with it on and off."""
+"""The CPU LoRA ops (server/lora_ops) against vLLM's own ops, our punica wrapper against vLLM's, the
+platform plugin that selects it, and the server with it on and off."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from vllm.lora.ops.torch_ops import lora_ops as stock
 
-from server.lora_ops import kernel, plugin, punica
+from server.lora_ops import kernel, plugin, prepare_lora_path, punica, unavailable
 from server.lora_ops import ops as ours
 
 from .conftest import server_env
@@ -263,16 +264,16 @@ def test_decode_kernel_equals_vllm_in_float32(name, shape, monkeypatch):
     assert rel_err(actual.float(), expected.float()) <= 2**-7
 
 
-# --- through vLLM's PunicaWrapperCPU, with the plugin installed ---------------------------
+# --- our punica wrapper against vLLM's PunicaWrapperCPU ---------------------------------------
 
 
 @pytest.fixture()
 def installed(monkeypatch, tmp_path):
+    """Counts written to a fresh stats directory by the wrappers built in the test."""
     monkeypatch.setenv(plugin.STATS_DIR_ENV, str(tmp_path / "stats"))
-    plugin.uninstall()
-    assert plugin.install()
+    plugin.reset_stats()
     yield tmp_path / "stats"
-    plugin.uninstall()
+    plugin.reset_stats()
 
 
 LORA_IDS = [
@@ -283,25 +284,37 @@ LORA_IDS = [
 ]  # slot i holds LoRA id LORA_IDS[i]; LoRA id 0 is "no adapter"
 
 
+_stock = False  # inside `vllm_stock()`: wrappers are vLLM's own
+
+
 def punica_wrapper(token_lora_ids: list[int], prefill: bool = True):
-    """vLLM's CPU punica wrapper with the step's metadata, as vLLM's model runner sets it."""
+    """Our CPU punica wrapper (vLLM's inside `vllm_stock()`) with the step's metadata, as vLLM's
+    model runner sets it."""
     from vllm.lora.layers.utils import LoRAMapping
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-    wrapper = PunicaWrapperCPU(256, 32, "cpu")
+    wrapper = (PunicaWrapperCPU if _stock else punica.MtaPunicaWrapperCPU)(256, 32, "cpu")
     mapping = LoRAMapping(token_lora_ids, token_lora_ids, is_prefill=prefill)
     wrapper.update_metadata(mapping, LORA_IDS, len(LORA_IDS), 100)
     return wrapper
 
 
 @contextmanager
-def vllm_stock():
-    """vLLM's own ops and PunicaWrapperCPU methods for the duration (the plugin is put back after)."""
-    plugin.uninstall()
+def vllm_stock(*wrappers):
+    """vLLM's own PunicaWrapperCPU for the duration: for the wrappers built meanwhile, and for
+    `wrappers` (ours, which run vLLM's methods on the same metadata until the block ends)."""
+    global _stock
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    _stock = True
+    for w in wrappers:
+        w.__class__ = PunicaWrapperCPU
     try:
         yield
     finally:
-        plugin.install()
+        _stock = False
+        for w in wrappers:
+            w.__class__ = punica.MtaPunicaWrapperCPU
 
 
 def lora_linear(
@@ -331,37 +344,37 @@ def lora_linear(
 TOKEN_LORA_IDS = [11] * 6 + [13] * 3 + [12] * 9 + [14] * 2  # every slot in use, no base tokens
 
 
-def test_plugin_installs_and_counts(installed):
-    from vllm.lora.punica_wrapper import punica_cpu
+def test_the_platform_plugin_selects_our_wrapper_through_vllms_seams_and_counts(installed, monkeypatch):
+    """vLLM resolves the platform and its punica wrapper by name, as its model runner does; vLLM's
+    own modules are left as they are."""
+    from importlib.metadata import entry_points
 
-    stock_linear = punica._original["add_lora_linear"]
-    assert punica_cpu.sgmv_shrink.__wrapped__ is ours.sgmv_shrink
-    assert punica_cpu.PunicaWrapperCPU.add_lora_linear.__wrapped__ is punica.add_lora_linear
-    assert stock.sgmv_shrink is not punica_cpu.sgmv_shrink  # vLLM's module itself is left alone
+    from vllm.lora.punica_wrapper import punica_cpu
+    from vllm.platforms import cpu_platform_plugin
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    (entry,) = [e for e in entry_points(group="vllm.platform_plugins") if e.name == "mta_cpu"]  # pyproject's
+    monkeypatch.setenv(plugin.ENABLE_ENV, "1")
+    platform = resolve_obj_by_qualname(entry.load()())
+    assert issubclass(platform, resolve_obj_by_qualname(cpu_platform_plugin()))  # the CPU platform vLLM picks
+    wrapper = resolve_obj_by_qualname(platform.get_punica_wrapper())
+    assert wrapper is punica.MtaPunicaWrapperCPU and issubclass(wrapper, punica_cpu.PunicaWrapperCPU)
+    assert punica_cpu.sgmv_shrink is stock.sgmv_shrink and punica_cpu.PunicaWrapperCPU.add_lora_linear is not wrapper.add_lora_linear
+    lora_linear(torch.float32, TOKEN_LORA_IDS)  # the whole-layer call
     lora_linear(torch.float32, TOKEN_LORA_IDS)
+    punica_wrapper(TOKEN_LORA_IDS).add_shrink(  # a per-slice path: vLLM's method, our op
+        torch.zeros(1, len(TOKEN_LORA_IDS), RANK), torch.randn(len(TOKEN_LORA_IDS), IN), (torch.randn(4, 1, RANK, IN),), 1.0
+    )
     counts = plugin.call_counts()
-    assert counts["add_lora_linear"] == 1
+    assert counts["add_lora_linear"] == 2 and counts["sgmv_shrink"] == 1, counts
     stats = json.loads(next(installed.glob("*.json")).read_text())
     assert stats["counts"]["add_lora_linear"] >= 1
-    plugin.uninstall()
-    assert punica_cpu.sgmv_shrink is stock.sgmv_shrink
-    assert punica_cpu.PunicaWrapperCPU.add_lora_linear is stock_linear
-
-
-def test_register_respects_the_setting(monkeypatch):
-    from vllm.lora.punica_wrapper import punica_cpu
-
-    plugin.uninstall()
-    try:
-        monkeypatch.setenv(plugin.ENABLE_ENV, "0")
-        plugin.register()
-        assert punica_cpu.sgmv_shrink is stock.sgmv_shrink
-        monkeypatch.setenv(plugin.ENABLE_ENV, "1")
-        plugin.register()
-        assert punica_cpu.sgmv_shrink.__wrapped__ is ours.sgmv_shrink
-        assert not plugin.install()  # loading the plugin again changes nothing
-    finally:
-        plugin.uninstall()
+    monkeypatch.setenv(plugin.ENABLE_ENV, "0")
+    assert entry.load()() is None  # MTA_FAST_CPU_LORA_OPS=0: vLLM's own platform and ops
+    monkeypatch.setenv(plugin.ENABLE_ENV, "1")
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")  # vLLM would skip the plugin: the engine says so
+    assert entry.load()() is None and "VLLM_TARGET_DEVICE=cpu" in unavailable()
+    assert prepare_lora_path("cpu", "bfloat16", True) == "stock"
 
 
 LINEAR_CASES = (
@@ -403,7 +416,7 @@ def test_fused_lora_a_follows_weight_updates(installed):
         y = torch.zeros(len(TOKEN_LORA_IDS), sum(outs))
         wrapper.add_lora_linear(y, x, a, b, 1.0, outs)
         expected = torch.zeros_like(y)
-        with vllm_stock():
+        with vllm_stock(wrapper):
             wrapper.add_lora_linear(expected, x, a, b, 1.0, outs)
         assert rel_err(y, expected) <= 1e-5
 
@@ -436,7 +449,7 @@ def test_lora_logits_equals_vllm_and_skips_slots_without_lm_head_weights(install
         y = torch.randn(x.shape[0], 64, generator=g)
         ours_y, stock_y = y.clone(), y.clone()
         wrapper.add_lora_logits(ours_y, x, a, b, 1.0)
-        with vllm_stock():
+        with vllm_stock(wrapper):
             wrapper.add_lora_logits(stock_y, x, a, b, 1.0)
         assert rel_err(ours_y, stock_y) <= 1e-5
         assert torch.equal(ours_y, y) == (not with_lm_head)
@@ -525,7 +538,7 @@ def test_fused_lora_linear_matches_vllm_to_bfloat16_precision(fused_calls, case,
     wrapper = punica_wrapper(ids, prefill)
     ours_y = layer_output(wrapper, x, a, b, outs, y0)
     assert fused_calls
-    with vllm_stock():
+    with vllm_stock(wrapper):
         stock_y = layer_output(wrapper, x, a, b, outs, y0)
     assert rel_err(ours_y.float(), stock_y.float()) <= 2**-7
     base_rows = [i for i, lora_id in enumerate(ids) if lora_id == 0]
@@ -575,7 +588,7 @@ def test_fused_lora_linear_follows_weight_and_metadata_updates(fused_calls):
         x = torch.randn(len(ids), KERNEL_IN, generator=g).bfloat16()
         y0 = torch.randn(len(ids), sum(outs), generator=g).bfloat16()
         ours_y = layer_output(wrapper, x, a, b, outs, y0)
-        with vllm_stock():
+        with vllm_stock(wrapper):
             stock_y = layer_output(wrapper, x, a, b, outs, y0)
         assert rel_err(ours_y.float(), stock_y.float()) <= 2**-7, ids
     assert len(fused_calls) == len(steps)
@@ -594,7 +607,7 @@ def test_fused_lora_linear_without_version_counters_reads_vllms_weights(fused_ca
     wrapper = punica_wrapper(ids)
     ours_y = layer_output(wrapper, x, a, b, outs, y0)
     assert fused_calls
-    with vllm_stock():
+    with vllm_stock(wrapper):
         stock_y = layer_output(wrapper, x, a, b, outs, y0)
     assert rel_err(ours_y.float(), stock_y.float()) <= 2**-7
 
@@ -611,7 +624,7 @@ def test_without_the_kernel_layers_take_the_per_slice_ops(installed, monkeypatch
         y0 = torch.randn(len(ids), sum(outs), generator=g).bfloat16()
         wrapper = punica_wrapper(ids)
         ours_y = layer_output(wrapper, x, a, b, outs, y0)
-        with vllm_stock():
+        with vllm_stock(wrapper):
             stock_y = layer_output(wrapper, x, a, b, outs, y0)
         assert rel_err(ours_y.float(), stock_y.float()) <= 2**-7
 

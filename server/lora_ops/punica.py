@@ -1,8 +1,11 @@
-"""Whole-layer replacements for two `PunicaWrapperCPU` methods, installed by the plugin.
+"""`MtaPunicaWrapperCPU`: vLLM's CPU punica wrapper on the project's ops.
 
-vLLM's CPU wrapper calls one op per slice and direction (qkv: 3 shrinks and 3 expands), each
-through several Python layers, and always runs the LM-head (logits) LoRA, even when no
-loaded adapter has LM-head weights. These methods keep vLLM's semantics with less work:
+vLLM's LoRA layers call a punica wrapper, which the platform names (`cpu_platform`). This
+subclass of vLLM's `PunicaWrapperCPU` runs the grouped ops of `ops` where vLLM's calls its
+per-slice torch ops, and does two whole-layer methods with less work. vLLM's calls one op per
+slice and direction (qkv: 3 shrinks and 3 expands), each through several Python layers, and
+always runs the LM-head (logits) LoRA, even when no loaded adapter has LM-head weights. Ours
+keep vLLM's semantics:
 
 - `add_lora_linear`: for decode steps (and prompts of many adapters, see `ops._Plan`) of a
   bf16 model, one call of the C++ kernel for the whole layer (`kernel.lora_linear`: every
@@ -31,9 +34,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
 from server.lora_ops import kernel
 from server.lora_ops.ops import (
     _NARROW,
+    OPS,
     _expand_slice,
     _Plan,
     _segment_plan,
@@ -42,6 +48,7 @@ from server.lora_ops.ops import (
     bgmv_expand,
     bgmv_shrink,
 )
+from server.lora_ops.plugin import stats
 
 
 class _Derived:
@@ -126,96 +133,127 @@ def _step_plan(wrapper: Any) -> _Plan | None:
     return _segment_plan(seq_lengths, lora_indices)
 
 
-def add_lora_linear(
-    self: Any,
-    y: Tensor,
-    x: Tensor,
-    lora_a_stacked: tuple[Tensor, ...],
-    lora_b_stacked: tuple[Tensor, ...],
-    scale: float,
-    output_slices: tuple[int, ...],
-    *,
-    buffer: tuple[Tensor, ...] | None = None,
-    **kwargs: Any,
-) -> None:
-    """`PunicaWrapperCPU.add_lora_linear`: y[:, slice i] += (x @ A_i[slot].T * scale) @ B_i[slot].T."""
-    if buffer is not None:  # the caller reads the per-slice buffers: keep vLLM's way
-        _original["add_lora_linear"](
-            self,
-            y,
-            x,
-            lora_a_stacked,
-            lora_b_stacked,
-            scale,
-            output_slices,
-            buffer=buffer,
-            **kwargs,
-        )
-        return
-    assert len(lora_a_stacked) == len(lora_b_stacked) == len(output_slices)
-    plan = _layer_plan(self)
-    if plan is None:
-        return
-    x = x.view(-1, x.shape[-1])
-    y2 = y.view(-1, y.shape[-1])
-    if (
-        plan.token_rows is not None
-        and x.shape[0] == plan.num_tokens
-        and kernel.supports_linear(x, y2, lora_a_stacked, lora_b_stacked)
-        and (module := kernel.get()) is not None
-    ):  # a decode step: the whole layer (every shrink and expand) in one native call
-        if plan.token_rows.numel():
-            weights = kernel.packed.get(module, lora_a_stacked, lora_b_stacked)
-            a, b = weights if weights is not None else (lora_a_stacked, lora_b_stacked)
-            kernel.lora_linear(module, x, y2, a, b, output_slices, plan, scale, weights is not None)
-        return
-    r = lora_a_stacked[0].shape[-2]
-    narrow = x.dtype in _NARROW and scale == 1.0 and all(a.dtype == x.dtype for a in lora_a_stacked)
-    buf = x.new_empty(x.shape[0], r * len(lora_a_stacked), dtype=x.dtype if narrow else torch.float32)
-    fused = lora_a_stacked[0] if len(lora_a_stacked) == 1 else _derived.get(lora_a_stacked, _concat_a)
-    if fused is not None:
-        _shrink(x, fused, buf, plan, scale)
-    else:
-        for i, a in enumerate(lora_a_stacked):
-            _shrink(x, a, buf[:, i * r : (i + 1) * r], plan, scale)
-    offset = 0
-    for i, (b, size) in enumerate(zip(lora_b_stacked, output_slices)):
-        _expand_slice(buf[:, i * r : (i + 1) * r], b, y2, plan, offset, size, add_inputs=True)
-        offset += size
+class MtaPunicaWrapperCPU(PunicaWrapperCPU):
+    """vLLM's `PunicaWrapperCPU` with the project's ops (the platform plugin selects it)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stats = stats()
 
-def add_lora_logits(
-    self: Any,
-    y: Tensor,
-    x: Tensor,
-    lora_a_stacked: Tensor,
-    lora_b_stacked: Tensor,
-    scale: float,
-    *,
-    buffer: Tensor | None = None,
-    **kwargs: Any,
-) -> None:
-    """`PunicaWrapperCPU.add_lora_logits`, skipping tokens whose slot has no LM-head weights."""
-    indices = self.sampler_indices
-    active = _derived.get((lora_a_stacked,), _slots_with_weights)
-    if active is not None:
-        wanted = indices.tolist()
-        kept = [s if s >= 0 and active[s] else -1 for s in wanted]
-        if all(s < 0 for s in kept):
+    def _op(self, name: str) -> Callable[..., Any]:
+        self._stats.hit(name)
+        return OPS[name]
+
+    # vLLM's per-slice paths (`add_shrink`, `add_expand`, `add_lora_embedding`, and
+    # `add_lora_linear` with buffers) call these: the same calls as vLLM's, on our ops.
+
+    def _shrink_prefill(self, y: Tensor, x: Tensor, w_t_all: Tensor, scale: float) -> None:
+        if not self.no_lora:
+            self._op("sgmv_shrink")(x, w_t_all, y, *self.prefill_metadata, scale)
+
+    def _shrink_decode(self, y: Tensor, x: Tensor, w_t_all: Tensor, scale: float) -> None:
+        self._op("bgmv_shrink")(x, w_t_all, y, self.token_lora_indices, scale)
+
+    def _expand_prefill(self, y: Tensor, x: Tensor, w_t_all: Tensor, add_inputs: bool) -> None:
+        if not self.no_lora:
+            self._op("sgmv_expand")(x, w_t_all, y, *self.prefill_metadata, add_inputs)
+
+    def _expand_decode(self, y: Tensor, x: Tensor, w_t_all: Tensor, add_inputs: bool) -> None:
+        self._op("bgmv_expand")(x, w_t_all, y, self.token_lora_indices, add_inputs)
+
+    def _expand_slice_prefill(
+        self, y: Tensor, x: Tensor, w_t_all: Tensor, y_offset: int, y_slice_size: int, add_inputs: bool
+    ) -> None:
+        if not self.no_lora:
+            self._op("sgmv_expand_slice")(x, w_t_all, y, *self.prefill_metadata, y_offset, y_slice_size, add_inputs)
+
+    def _expand_slice_decode(
+        self, y: Tensor, x: Tensor, w_t_all: Tensor, y_offset: int, y_slice_size: int, add_inputs: bool
+    ) -> None:
+        self._op("bgmv_expand_slice")(x, w_t_all, y, self.token_lora_indices, y_offset, y_slice_size, add_inputs)
+
+    def apply_lora_full_linear(
+        self, y: Tensor, x: Tensor, weight_stacked: Tensor, bias_stacked: Tensor, module_enabled: Tensor
+    ) -> None:
+        adapter_y = torch.zeros((x.size(0), weight_stacked.size(-2)), dtype=torch.float32, device=x.device)
+        self._op("bgmv_shrink")(x, weight_stacked, adapter_y, self.sampler_indices, 1.0)
+        y.copy_(self._select_full_linear_output(y, adapter_y, bias_stacked, module_enabled))
+
+    # The whole-layer methods.
+
+    def add_lora_linear(
+        self,
+        y: Tensor,
+        x: Tensor,
+        lora_a_stacked: tuple[Tensor, ...],
+        lora_b_stacked: tuple[Tensor, ...],
+        scale: float,
+        output_slices: tuple[int, ...],
+        *,
+        buffer: tuple[Tensor, ...] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """y[:, slice i] += (x @ A_i[slot].T * scale) @ B_i[slot].T."""
+        self._stats.hit("add_lora_linear")
+        if buffer is not None:  # the caller reads the per-slice buffers: vLLM's way (on our per-slice ops)
+            super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
             return
-        if kept != wanted:
-            indices = torch.tensor(kept, dtype=indices.dtype)
-    y2 = y.view(-1, y.shape[-1])
-    x = x.view(-1, x.shape[-1])
-    if buffer is None:
-        buffer = torch.zeros((x.size(0), lora_b_stacked.size(-1)), dtype=torch.float32, device=x.device)
-    bgmv_shrink(x, lora_a_stacked, buffer, indices, scale)
-    bgmv_expand(buffer, lora_b_stacked, y2, indices, add_inputs=True)
-    return
+        assert len(lora_a_stacked) == len(lora_b_stacked) == len(output_slices)
+        plan = _layer_plan(self)
+        if plan is None:
+            return
+        x = x.view(-1, x.shape[-1])
+        y2 = y.view(-1, y.shape[-1])
+        if (
+            plan.token_rows is not None
+            and x.shape[0] == plan.num_tokens
+            and kernel.supports_linear(x, y2, lora_a_stacked, lora_b_stacked)
+            and (module := kernel.get()) is not None
+        ):  # a decode step: the whole layer (every shrink and expand) in one native call
+            if plan.token_rows.numel():
+                weights = kernel.packed.get(module, lora_a_stacked, lora_b_stacked)
+                a, b = weights if weights is not None else (lora_a_stacked, lora_b_stacked)
+                kernel.lora_linear(module, x, y2, a, b, output_slices, plan, scale, weights is not None)
+            return
+        r = lora_a_stacked[0].shape[-2]
+        narrow = x.dtype in _NARROW and scale == 1.0 and all(a.dtype == x.dtype for a in lora_a_stacked)
+        buf = x.new_empty(x.shape[0], r * len(lora_a_stacked), dtype=x.dtype if narrow else torch.float32)
+        fused = lora_a_stacked[0] if len(lora_a_stacked) == 1 else _derived.get(lora_a_stacked, _concat_a)
+        if fused is not None:
+            _shrink(x, fused, buf, plan, scale)
+        else:
+            for i, a in enumerate(lora_a_stacked):
+                _shrink(x, a, buf[:, i * r : (i + 1) * r], plan, scale)
+        offset = 0
+        for i, (b, size) in enumerate(zip(lora_b_stacked, output_slices)):
+            _expand_slice(buf[:, i * r : (i + 1) * r], b, y2, plan, offset, size, add_inputs=True)
+            offset += size
 
-
-METHODS: dict[str, Callable[..., Any]] = {
-    "add_lora_linear": add_lora_linear,
-    "add_lora_logits": add_lora_logits,
-}
-_original: dict[str, Callable[..., Any]] = {}  # vLLM's methods while ours are installed (set by the plugin)
+    def add_lora_logits(
+        self,
+        y: Tensor,
+        x: Tensor,
+        lora_a_stacked: Tensor,
+        lora_b_stacked: Tensor,
+        scale: float,
+        *,
+        buffer: Tensor | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """vLLM's, skipping tokens whose slot has no LM-head weights."""
+        self._stats.hit("add_lora_logits")
+        indices = self.sampler_indices
+        active = _derived.get((lora_a_stacked,), _slots_with_weights)
+        if active is not None:
+            wanted = indices.tolist()
+            kept = [s if s >= 0 and active[s] else -1 for s in wanted]
+            if all(s < 0 for s in kept):
+                return
+            if kept != wanted:
+                indices = torch.tensor(kept, dtype=indices.dtype)
+        y2 = y.view(-1, y.shape[-1])
+        x = x.view(-1, x.shape[-1])
+        if buffer is None:
+            buffer = torch.zeros((x.size(0), lora_b_stacked.size(-1)), dtype=torch.float32, device=x.device)
+        bgmv_shrink(x, lora_a_stacked, buffer, indices, scale)
+        bgmv_expand(buffer, lora_b_stacked, y2, indices, add_inputs=True)
