@@ -54,6 +54,7 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    overhead_seconds: float | None = None  # from the request's start to its engine submit
 
     def personalization(self) -> dict[str, Any]:
         """The fields every response carries about how it was personalized."""
@@ -173,6 +174,7 @@ class Generator:
         The user's adapter lease is held for the life of this generator, so a bank reload or a
         cache eviction never deletes an adapter that a running request still needs.
         """
+        started = time.perf_counter()
         max_tokens = self._check_limits(inp)
         if inp.user_id is None:
             ctx = UserContext(None, self.personalizer.banks.current, None, None, [])  # type: ignore[arg-type]
@@ -190,6 +192,9 @@ class Generator:
 
             lora = LoRARequest(f"mta-{lease.lora_int_id}", lease.lora_int_id, lease.path) if lease else None
             result = GenerationResult(f"gen-{uuid.uuid4().hex}", ctx, lease, len(prompt_ids))
+            result.overhead_seconds = time.perf_counter() - started
+            kind = "base" if lease is None or ctx.plan is None else "hit" if lease.cache_hit else "miss"
+            self.metrics.overhead_seconds.labels(adapter=kind).observe(result.overhead_seconds)
             # Closed (the engine aborts the request) before the lease ends: once the lease ends the
             # adapter may be deleted and unloaded, which a request still in the engine must not see.
             async with aclosing(self.engine.generate(prompt_ids, params, result.request_id, lora)) as deltas:

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_OVERHEAD_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 # How long a scrape-time read of the job queue may take before the depth is reported unknown.
 _QUEUE_READ_TIMEOUT = 5.0
 
@@ -39,6 +40,14 @@ class Metrics:
         )
         self.fusion_seconds = Histogram(
             "mta_fusion_seconds", "Fuse + materialize one adapter (cache misses)", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.overhead_seconds = Histogram(
+            "mta_request_overhead_seconds",
+            "Server-side work from a generation's start to its engine submit (user context, prompt, adapter);"
+            " adapter: base, hit (cached) or miss (fused and loaded for this request)",
+            ["adapter"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
         )
         self.cache_hits = Counter("mta_adapter_cache_hits", "Adapter cache hits", registry=r)
         self.cache_misses = Counter("mta_adapter_cache_misses", "Adapter cache misses", registry=r)

@@ -69,7 +69,7 @@ V = TypeVar("V")
 class UserLru(Generic[V]):
     """What a request derives from a user's stored data, LRU-bounded, keyed by tuples that start
     with the user id: the rendered history with its BM25 index (so a request no longer renders and
-    indexes the whole profile again), the verdict on a stacked LoRA."""
+    indexes the whole profile again), the verdict on a stacked LoRA, the fusion plan."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -121,6 +121,7 @@ class Personalizer:
         self._adapter_dtype = serving_dtype(settings.dtype)
         self._indexes: UserLru[ProfileIndex] = UserLru(settings.profile_index_cache_size)
         self._stacked_checks: UserLru[str] = UserLru(settings.profile_index_cache_size)  # "" = servable
+        self._plans: UserLru[FusionPlan] = UserLru(settings.profile_index_cache_size)
 
     def validate_items(self, items: list[dict[str, Any]]) -> None:
         """The profile limits (count, size, some text per item); InvalidInput names the first problem."""
@@ -200,7 +201,15 @@ class Personalizer:
         blob = await self.store.get_blob(user_id, STACKED_BLOB)
         stacked = StackedBlob.parse(*blob) if blob else None
         error = await self._check_stacked(user_id, stacked) if stacked else None
-        return UserContext(user_id, served, record, self._plan(served, record), index.history, stacked, index, error)
+        return UserContext(user_id, served, record, self._cached_plan(served, record), index.history, stacked, index, error)
+
+    def _cached_plan(self, served: ServedBank, record: UserRecord) -> FusionPlan:
+        """The user's fusion plan (retrieval and weights) once per profile write and bank load."""
+        key = (record.user_id, record.profile_version, record.updated_at, served.uid)
+        if (plan := self._plans.get(key)) is None:
+            plan = self._plan(served, record)
+            self._plans.put(key, plan)
+        return plan
 
     async def _check_stacked(self, user_id: str, stacked: StackedBlob) -> str | None:
         """Why the stored stacked LoRA cannot be served on this model (None: it can). Checked once
@@ -314,8 +323,8 @@ class Personalizer:
             self._forget_derived(user_id)
 
     def _forget_derived(self, user_id: str | None) -> None:
-        self._indexes.forget(user_id)
-        self._stacked_checks.forget(user_id)
+        for cache in (self._indexes, self._stacked_checks, self._plans):
+            cache.forget(user_id)
 
     def on_bank_swap(self, old: ServedBank | None) -> int:
         """Adapters of the old bank can never be requested again: drop them (in-flight ones finish)."""

@@ -25,7 +25,7 @@ def bench(name: str, out: Path, *options: str) -> dict:
 
 
 def test_every_benchmark_is_registered() -> None:
-    assert {"fusion", "serving", "coldstart", "storage", "finetune"} <= set(BENCHMARKS)
+    assert {"fusion", "serving", "coldstart", "storage", "finetune", "overhead"} <= set(BENCHMARKS)
 
 
 def test_fusion(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -77,6 +77,14 @@ def test_finetune(tmp_path: Path, server) -> None:
     result = bench("finetune", tmp_path / "finetune.json", "--url", server.url, "--quick")
     assert result["all_succeeded"], result["jobs"]
     assert result["stacked_served_after"]
+
+
+def test_overhead(tmp_path: Path, server) -> None:
+    result = bench("overhead", tmp_path / "overhead.json", "--url", server.url, "--quick")
+    cells = {c["cell"]: c for c in result["cells"]}
+    assert set(cells) == {"base", "first-2", "warm-2", "first-16", "warm-16"}
+    assert cells["warm-16"]["cache_hits"] == cells["warm-16"]["requests"] == 5 and cells["base"]["cache_hits"] == 0
+    assert all(0 < c["server_ms_median"] <= c["round_trip_ms_median"] for c in cells.values())
 
 
 def test_coldstart_che_approximation_matches_an_exact_lru() -> None:

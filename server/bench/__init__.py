@@ -15,4 +15,5 @@ BENCHMARKS: dict[str, str] = {
     "coldstart": "server.bench.coldstart",
     "storage": "server.bench.storage",
     "finetune": "server.bench.finetune",
+    "overhead": "server.bench.overhead",
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 
 from server.api.deps import ServicesDep
@@ -13,6 +13,11 @@ from server.api.streaming import GENERATION_RESPONSES, primed, sse
 from server.generation import GenerationResult
 
 router = APIRouter(tags=["generate"])
+
+
+def server_timing(result: GenerationResult) -> str:
+    """The `Server-Timing` header (W3C): the server's own work before the engine ran the request."""
+    return f'mta;dur={1000 * (result.overhead_seconds or 0.0):.3f};desc="request to engine submit"'
 
 def _body(result: GenerationResult) -> dict:
     return {
@@ -26,10 +31,12 @@ def _body(result: GenerationResult) -> dict:
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=GENERATION_RESPONSES)
-async def generate(req: GenerateRequest, services: ServicesDep):
+async def generate(req: GenerateRequest, services: ServicesDep, response: Response):
     inp = req.to_input()
     if not req.stream:
-        return _body(await services.generator.generate(inp))
+        result = await services.generator.generate(inp)
+        response.headers["Server-Timing"] = server_timing(result)
+        return _body(result)
 
     async def events() -> AsyncIterator[str]:
         async for result, delta in services.generator.stream(inp):
