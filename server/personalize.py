@@ -21,7 +21,7 @@ from server.fusion import FusionPlan, materialize, plan_fusion
 from server.metrics import Metrics
 from server.prompts import ProfileIndex
 from server.settings import Settings
-from server.stacking import STACKED_BLOB, StackedBlob
+from server.stacking import STACKED_BLOB, StackedBlob, StackedMeta
 from server.store import ProfileChanged, UserRecord, UserStore
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,13 @@ class UserContext:
     record: UserRecord | None
     plan: FusionPlan | None
     history: list[str]
-    stacked: StackedBlob | None = None  # the user's stacked LoRA, if any (served only if not stale)
+    stacked: StackedMeta | None = None  # the user's stacked LoRA, if any (served only if not stale)
     history_index: ProfileIndex | None = None  # `history` with its BM25 index (cached per profile version)
-    stacked_error: str | None = None  # why `stacked` cannot be served on this model (corrupt, other layers)
+
+    @property
+    def stacked_error(self) -> str | None:
+        """Why the stacked LoRA cannot be served on this model (corrupt, other layers)."""
+        return self.stacked.error if self.stacked is not None else None
 
     @property
     def personalized(self) -> bool:
@@ -69,7 +73,7 @@ V = TypeVar("V")
 class UserLru(Generic[V]):
     """What a request derives from a user's stored data, LRU-bounded, keyed by tuples that start
     with the user id: the rendered history with its BM25 index (so a request no longer renders and
-    indexes the whole profile again), the verdict on a stacked LoRA, the fusion plan."""
+    indexes the whole profile again), the fusion plan, what a stacked LoRA is (not its bytes)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -120,8 +124,8 @@ class Personalizer:
         self._base_needs_zero_adapter = settings.device == "cpu" and not settings.fast_cpu_lora_ops
         self._adapter_dtype = serving_dtype(settings.dtype)
         self._indexes: UserLru[ProfileIndex] = UserLru(settings.profile_index_cache_size)
-        self._stacked_checks: UserLru[str] = UserLru(settings.profile_index_cache_size)  # "" = servable
         self._plans: UserLru[FusionPlan] = UserLru(settings.profile_index_cache_size)
+        self._stacked: UserLru[StackedMeta] = UserLru(settings.profile_index_cache_size)
 
     def validate_items(self, items: list[dict[str, Any]]) -> None:
         """The profile limits (count, size, some text per item); InvalidInput names the first problem."""
@@ -198,10 +202,8 @@ class Personalizer:
             record = UserRecord(
                 **{**record.__dict__, "embedding": embedding, "embedding_model": served.embedding_model}
             )
-        blob = await self.store.get_blob(user_id, STACKED_BLOB)
-        stacked = StackedBlob.parse(*blob) if blob else None
-        error = await self._check_stacked(user_id, stacked) if stacked else None
-        return UserContext(user_id, served, record, self._cached_plan(served, record), index.history, stacked, index, error)
+        stacked = await self._stacked_meta(user_id)
+        return UserContext(user_id, served, record, self._cached_plan(served, record), index.history, stacked, index)
 
     def _cached_plan(self, served: ServedBank, record: UserRecord) -> FusionPlan:
         """The user's fusion plan (retrieval and weights) once per profile write and bank load."""
@@ -211,18 +213,23 @@ class Personalizer:
             self._plans.put(key, plan)
         return plan
 
-    async def _check_stacked(self, user_id: str, stacked: StackedBlob) -> str | None:
-        """Why the stored stacked LoRA cannot be served on this model (None: it can). Checked once
-        per content: a corrupt blob is reported in the response and served fused-only, never
-        handed to vLLM (which would fail the request, or the engine)."""
-        digest = await asyncio.to_thread(lambda: stacked.digest)  # cached: the adapter key uses it too
-        key = (user_id, stacked.version, digest)
-        if (verdict := self._stacked_checks.get(key)) is None:
-            verdict = "; ".join(await asyncio.to_thread(stacked.problems, self.banks.targets))
-            if verdict:
-                log.warning("user %r: stacked LoRA version %d is not served: %s", user_id, stacked.version, verdict)
-            self._stacked_checks.put(key, verdict)
-        return verdict or None
+    async def _stacked_meta(self, user_id: str) -> StackedMeta | None:
+        """The user's stacked LoRA as requests see it. Its bytes are read, hashed and checked
+        against the model's layers only when its version or size changed: a corrupt one is
+        reported in the response and served fused-only, never handed to vLLM (which would fail
+        the request, or the engine)."""
+        stamp = await self.store.blob_stamp(user_id, STACKED_BLOB)
+        if stamp is None:
+            return None
+        if (meta := self._stacked.get((user_id, *stamp))) is None:
+            blob = await self.store.get_blob(user_id, STACKED_BLOB)
+            if blob is None:  # deleted meanwhile
+                return None
+            meta = await asyncio.to_thread(StackedBlob.parse(*blob).meta, self.banks.targets)
+            if meta.error:
+                log.warning("user %r: stacked LoRA version %d is not served: %s", user_id, meta.version, meta.error)
+            self._stacked.put((user_id, meta.version, meta.size), meta)
+        return meta
 
     async def _history_index(self, served: ServedBank, record: UserRecord) -> ProfileIndex:
         """The rendered history and its BM25 index: built off the event loop, once per profile version.
@@ -266,28 +273,27 @@ class Personalizer:
         stacked = ctx.stacked if ctx.serves_stacked else None
         max_rank = self.settings.max_lora_rank
 
-        def fuse_and_write(path: Any) -> int:
-            return materialize(bank, plan, path, max_rank, stacked.lora() if stacked else None, self._adapter_dtype)
-
         async def build(path: Any) -> int:  # the rank, kept on the cache entry (evicted with it)
             start = time.perf_counter()
-            rank = await asyncio.to_thread(fuse_and_write, path)
+            lora = await self._stacked_lora(ctx.user_id, stacked) if stacked else None
+            rank = await asyncio.to_thread(materialize, bank, plan, path, max_rank, lora, self._adapter_dtype)
             self.metrics.fusion_seconds.observe(time.perf_counter() - start)
             return rank
 
-        key = await self._adapter_key(ctx.user_id, plan, stacked)
+        key = plan.key(stacked.version, user_id=ctx.user_id, stacked_digest=stacked.digest) if stacked else plan.key()
         async with self.cache.lease(key, build) as (entry, hit):
             (self.metrics.cache_hits if hit else self.metrics.cache_misses).inc()
             yield AdapterLease(entry.lora_int_id, str(entry.path), entry.info, hit)
 
-    @staticmethod
-    async def _adapter_key(user_id: str, plan: FusionPlan, stacked: StackedBlob | None) -> AdapterKey:
-        """A fused adapter is shared by a neighbourhood; a stacked one is the user's own, keyed by
-        user and content too (hashed off the event loop: a stacked LoRA may be megabytes)."""
-        if stacked is None:
-            return plan.key()
-        digest = await asyncio.to_thread(lambda: stacked.digest)
-        return plan.key(stacked.version, user_id=user_id, stacked_digest=digest)
+    async def _stacked_lora(self, user_id: str, meta: StackedMeta) -> LoraWeights:
+        """The stacked LoRA's weights, read again from the store to build the adapter (a fused
+        adapter is shared by a neighbourhood; a stacked one is the user's own, keyed by user and
+        content); 409 if it changed since the request looked (a fine-tune just ended: retry)."""
+        blob = await self.store.get_blob(user_id, STACKED_BLOB)
+        stacked = StackedBlob.parse(*blob) if blob else None
+        if stacked is None or await asyncio.to_thread(lambda: stacked.digest) != meta.digest:
+            raise Conflict(f"the stacked LoRA of {user_id!r} changed during the request; retry")
+        return await asyncio.to_thread(stacked.lora)
 
     def forget_adapters(self, ctx: UserContext) -> None:
         """Drop cached adapters of this user: the fused one of the current plan and any stacked one."""
@@ -323,7 +329,7 @@ class Personalizer:
             self._forget_derived(user_id)
 
     def _forget_derived(self, user_id: str | None) -> None:
-        for cache in (self._indexes, self._stacked_checks, self._plans):
+        for cache in (self._indexes, self._plans, self._stacked):
             cache.forget(user_id)
 
     def on_bank_swap(self, old: ServedBank | None) -> int:

@@ -59,6 +59,24 @@ class StackedBlob:
         writes (Redis) may issue a version twice."""
         return hashlib.sha256(self.data).hexdigest()
 
+    def meta(self, targets: ModelTargets) -> StackedMeta:
+        """What a request needs to know of it, without the bytes (checked against the model once)."""
+        problems = self.problems(targets)
+        return StackedMeta(self.version, self.bank_version, self.job_id, len(self.data), self.digest, "; ".join(problems) or None)
+
+
+@dataclass(frozen=True)
+class StackedMeta:
+    """A stored stacked LoRA as a request sees it: kept per user instead of its megabytes, which
+    are read again only to build the adapter (a cache miss)."""
+
+    version: int
+    bank_version: str
+    job_id: str
+    size: int
+    digest: str
+    error: str | None  # why the model cannot take it (unreadable, other layers); None: servable
+
 
 def stacked_to_bytes(
     lora: LoraWeights, *, bank_version: str, job_id: str, dtype: torch.dtype = torch.float32

@@ -235,12 +235,16 @@ async def test_blob_versions_increase_and_are_never_reused(store: UserStore) -> 
     assert 0 < first < second
     assert await store.get_blob(USER, LORA) == (second, payload)
     assert await store.get_blob(USER, "other.blob") == (other, b"")
+    # What a reader needs to know whether its copy is current, without the bytes.
+    assert await store.blob_stamp(USER, LORA) == (second, len(payload))
+    assert await store.blob_stamp(USER, "other.blob") == (other, 0)
+    assert await store.blob_stamp(USER, "missing.blob") is None
 
     await store.put_profile(USER, [], None, None)  # a profile write keeps the blobs
     assert await store.get_blob(USER, LORA) == (second, payload)
 
     assert await store.delete_blob(USER, LORA) is True
-    assert await store.get_blob(USER, LORA) is None
+    assert await store.get_blob(USER, LORA) is None and await store.blob_stamp(USER, LORA) is None
     assert await store.delete_blob(USER, LORA) is False
     third = await store.put_blob(USER, LORA, b"v3")
     assert third > second  # a cache keyed by version can never see an old version again

@@ -309,6 +309,17 @@ class RedisUserStore:
             version, data = await self._client().hmget(self._blob_key(user_id, name), ["version", "data"])
         return None if version is None else (int(version), data)
 
+    async def blob_stamp(self, user_id: str, name: str) -> tuple[int, int] | None:
+        check_user_id(user_id)
+        check_blob_name(name)
+        key = self._blob_key(user_id, name)
+        with self._errors():
+            async with self._client().pipeline(transaction=True) as pipe:
+                pipe.hget(key, "version")
+                pipe.hstrlen(key, "data")
+                version, size = await pipe.execute()
+        return None if version is None else (int(version), int(size))
+
     async def delete_blob(self, user_id: str, name: str) -> bool:
         check_user_id(user_id)
         check_blob_name(name)

@@ -235,6 +235,18 @@ class SQLiteUserStore:
 
         return await self._run(read)
 
+    async def blob_stamp(self, user_id: str, name: str) -> tuple[int, int] | None:
+        check_user_id(user_id)
+        check_blob_name(name)
+
+        def read(conn: sqlite3.Connection) -> tuple[int, int] | None:
+            row = conn.execute(
+                "SELECT version, length(data) FROM blobs WHERE user_id = ? AND name = ?", (user_id, name)
+            ).fetchone()
+            return (row[0], row[1]) if row else None
+
+        return await self._run(read)
+
     async def delete_blob(self, user_id: str, name: str) -> bool:
         check_user_id(user_id)
         check_blob_name(name)

@@ -13,14 +13,15 @@ from server.api.schemas import AppendItemsView, ProfileRequest, UserExport, User
 from server.errors import NotFound
 from server.jobs import public_view
 from server.personalize import UserContext
-from server.stacking import STACKED_BLOB, StackedBlob
+from server.stacking import STACKED_BLOB, StackedBlob, StackedMeta
 
 router = APIRouter(prefix="/users", tags=["users"])
 
 
-def _stacked_view(stacked: StackedBlob) -> dict:
+def _stacked_view(stacked: StackedBlob | StackedMeta) -> dict:
     """A stored stacked LoRA's metadata (never its tensors)."""
-    return {"version": stacked.version, "bank_version": stacked.bank_version, "job_id": stacked.job_id, "bytes": len(stacked.data)}
+    size = stacked.size if isinstance(stacked, StackedMeta) else len(stacked.data)
+    return {"version": stacked.version, "bank_version": stacked.bank_version, "job_id": stacked.job_id, "bytes": size}
 
 
 def _view(ctx: UserContext) -> dict:
@@ -41,8 +42,8 @@ def _view(ctx: UserContext) -> dict:
         "stored_bytes": {
             "profile": profile_bytes,
             "embedding": embedding_bytes,
-            "stacked_lora": len(stacked.data) if stacked else 0,
-            "total": profile_bytes + embedding_bytes + (len(stacked.data) if stacked else 0),
+            "stacked_lora": stacked.size if stacked else 0,
+            "total": profile_bytes + embedding_bytes + (stacked.size if stacked else 0),
         },
     }
 
