@@ -525,7 +525,7 @@ async def test_users_whose_stacked_loras_share_a_version_get_their_own_adapters(
     from server.adapters import LoraWeights, load_adapter
     from server.fusion import materialize
     from server.personalize import Personalizer
-    from server.stacking import STACKED_BLOB, stacked_to_bytes
+    from server.stacking import STACKED_BLOB, StackedBlob, stacked_to_bytes
 
     store = RedisUserStore(redis_url, key_prefix=redis_key_prefix)
     p = Personalizer(local.settings, store, local.personalizer.banks, local.cache, local.personalizer.metrics)
@@ -555,7 +555,8 @@ async def test_users_whose_stacked_loras_share_a_version_get_their_own_adapters(
                 leases[ctx.user_id] = lease
                 served_lora = load_adapter(lease.path)
                 expected = tmp_path / f"expected-{ctx.user_id}"
-                materialize(served.bank, ctx.plan, expected, p.settings.max_lora_rank, ctx.stacked.lora())
+                own_blob = StackedBlob.parse(*await store.get_blob(ctx.user_id, STACKED_BLOB))
+                materialize(served.bank, ctx.plan, expected, p.settings.max_lora_rank, own_blob.lora())
                 own = load_adapter(expected)
                 for m in own.modules:  # the user's own stacked LoRA, not the other user's
                     assert torch.equal(served_lora.b[m], own.b[m]) and torch.equal(served_lora.a[m], own.a[m]), m

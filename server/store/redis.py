@@ -313,8 +313,8 @@ class RedisUserStore:
         check_user_id(user_id)
         check_blob_name(name)
         key = self._blob_key(user_id, name)
-        with self._errors():
-            async with self._client().pipeline(transaction=True) as pipe:
+        with self._errors():  # no MULTI: Redis refuses transactions when out of memory, reads go on
+            async with self._client().pipeline(transaction=False) as pipe:
                 pipe.hget(key, "version")
                 pipe.hstrlen(key, "data")
                 version, size = await pipe.execute()
