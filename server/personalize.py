@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -199,9 +200,7 @@ class Personalizer:
         if record.embedding is None or record.embedding_model != served.embedding_model:
             embedding = await asyncio.to_thread(served.embedder.embed_user, index.history)
             await self.store.set_embedding(user_id, embedding, served.embedding_model, record.profile_version)
-            record = UserRecord(
-                **{**record.__dict__, "embedding": embedding, "embedding_model": served.embedding_model}
-            )
+            record = dataclasses.replace(record, embedding=embedding, embedding_model=served.embedding_model)
         stacked = await self._stacked_meta(user_id)
         return UserContext(user_id, served, record, self._cached_plan(served, record), index.history, stacked, index)
 

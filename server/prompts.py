@@ -19,6 +19,7 @@ import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from rank_bm25 import BM25Okapi
 
 _TOKEN = re.compile(r"\w+", re.UNICODE)
@@ -39,17 +40,43 @@ def _tokens(text: str) -> list[str]:
 
 class ProfileIndex:
     """A user's rendered history with its BM25 index: built once per profile version, as building
-    it costs far more than a query (serving caches it, `server.personalize`)."""
+    it costs far more than a query (serving caches it, `server.personalize`).
+
+    Scores are `rank_bm25.BM25Okapi`'s (its idf, lengths and parameters), computed from postings
+    (term -> the items that hold it) instead of a pass over every item per query term, so a query
+    costs what its terms occur, not the profile's length; the sums are the same, term by term."""
 
     def __init__(self, history: Sequence[str]) -> None:
         self.history = list(history)
         self._bm25 = BM25Okapi([_tokens(h) or [""] for h in self.history]) if len(self.history) > 1 else None
+        self._postings: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if self._bm25 is not None:
+            items: dict[str, tuple[list[int], list[int]]] = {}
+            for i, freqs in enumerate(self._bm25.doc_freqs):
+                for term, n in freqs.items():
+                    rows, counts = items.setdefault(term, ([], []))
+                    rows.append(i)
+                    counts.append(n)
+            self._postings = {t: (np.array(rows), np.array(counts)) for t, (rows, counts) in items.items()}
+            self._length_norm = 1 - self._bm25.b + self._bm25.b * np.array(self._bm25.doc_len) / self._bm25.avgdl
+
+    def scores(self, query: str) -> np.ndarray:
+        """`BM25Okapi.get_scores` of the query's tokens."""
+        bm25 = self._bm25
+        assert bm25 is not None
+        score = np.zeros(bm25.corpus_size)
+        for term in _tokens(query):
+            if (posting := self._postings.get(term)) is None:
+                continue  # in no item: BM25Okapi adds zeros
+            rows, freq = posting
+            score[rows] += (bm25.idf.get(term) or 0) * (freq * (bm25.k1 + 1) / (freq + bm25.k1 * self._length_norm[rows]))
+        return score
 
     def top1(self, query: str) -> str | None:
         """The history text most relevant to the query by BM25 (first one on ties), or None."""
         if self._bm25 is None:
             return self.history[0] if self.history else None
-        return self.history[int(self._bm25.get_scores(_tokens(query)).argmax())]
+        return self.history[int(self.scores(query).argmax())]
 
 
 def retrieve_top1(history: Sequence[str], query: str) -> str | None:

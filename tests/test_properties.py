@@ -291,3 +291,26 @@ def test_redis_round_trips_any_profile_the_api_accepts(
     ProfileRequest(items=profile)
     store = RedisUserStore(redis_url, key_prefix=f"{key_prefix}{uuid.uuid4().hex}:")  # one prefix per example
     asyncio.run(round_trip(store, user_id, profile, vector, blob))
+
+
+# --- BM25 retrieval: the postings-based scores are rank_bm25's, exactly ------------------------
+
+_WORDS = st.sampled_from(["space", "mars", "love", "rome", "heist", "bank", "the", "a", "of", "robot", "castle", "war"])
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    st.lists(st.lists(_WORDS, max_size=12).map(" ".join), min_size=2, max_size=30),
+    st.lists(st.one_of(_WORDS, st.just("unseen")), max_size=8).map(" ".join),
+)
+def test_profile_index_scores_are_bm25okapis(history, query):
+    """Serving scores a query from postings; the sums are BM25Okapi's, term by term, so equal
+    bit for bit (and the top-1 item with them, ties to the first)."""
+    import numpy as np
+
+    from server.prompts import ProfileIndex, _tokens
+
+    index = ProfileIndex(history)
+    expected = index._bm25.get_scores(_tokens(query))
+    assert np.array_equal(index.scores(query), expected)
+    assert index.top1(query) == history[int(expected.argmax())]

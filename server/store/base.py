@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -56,11 +57,16 @@ class UserRecord:
     """A user's profile as stored. `eq=False`: numpy arrays have no boolean `==`."""
 
     user_id: str
-    items: list[dict[str, Any]]
+    stored_items: str | bytes  # the items' JSON as stored: decoded on first use of `items`
     embedding: np.ndarray | None  # [dim] float32
     embedding_model: str | None
     profile_version: int  # 1 on the first profile write, +1 on every later one
     updated_at: float  # unix time of the last write (profile or embedding)
+
+    @cached_property
+    def items(self) -> list[dict[str, Any]]:
+        """Decoded when first read: a warm request, whose history index is cached, never reads them."""
+        return decode_items(self.stored_items)
 
 
 @runtime_checkable
@@ -349,7 +355,7 @@ def decode_record(
         embedding_model = embedding_model.decode()
     return UserRecord(
         user_id=user_id,
-        items=decode_items(items),
+        stored_items=items,
         embedding=decode_embedding(embedding),
         embedding_model=embedding_model,
         profile_version=int(profile_version),
