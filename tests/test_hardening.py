@@ -29,7 +29,7 @@ from .conftest import server_env
 from .prerequisites import missing
 from .redis_server import RedisServer, start_redis_server
 from .server_process import ADMIN_TOKEN, ServerProcess
-from .test_api_e2e import PROFILES, PROMPT, generate, put_profile
+from .test_api_e2e import PROFILES, PROMPT, generate, metric, put_profile
 from .test_finetune import EXAMPLES
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -305,155 +305,158 @@ def redis_replica(tmp_path_factory, tiny_model_dir, tiny_bank) -> Iterator[tuple
         redis.stop()
 
 
-class TestRedisReplica:
-    def test_fuzzing_from_the_openapi_schema_finds_no_server_error_and_no_hang(self, redis_replica):
-        """Schemathesis generates valid and invalid requests for every operation of /openapi.json;
-        each must answer within REQUEST_TIMEOUT with a status below 500, and as the schema says:
-        a documented status and content type, a body matching the documented schema (errors in
-        the envelope), and invalid input refused. The admin operations are fuzzed with the admin
-        token and with a wrong one. Then stateful sequences follow the schema's links (PUT profile ->
-        generate, get, export, fine-tune -> job, delete) with the same checks."""
-        import schemathesis
-        from hypothesis import HealthCheck, Phase, given, settings
-        from hypothesis.errors import FlakyStrategyDefinition, Unsatisfiable
-        from schemathesis import GenerationMode
-        from schemathesis.checks import not_a_server_error
-        from schemathesis.specs.openapi.checks import (
-            content_type_conformance,
-            negative_data_rejection,
-            response_schema_conformance,
-            status_code_conformance,
+def fuzz_openapi(server: ServerProcess) -> None:
+    """Schemathesis generates valid and invalid requests for every operation of /openapi.json;
+    each must answer within REQUEST_TIMEOUT with a status below 500, and as the schema says:
+    a documented status and content type, a body matching the documented schema (errors in
+    the envelope), and invalid input refused. The admin operations are fuzzed with the admin
+    token and with a wrong one. Then stateful sequences follow the schema's links (PUT profile ->
+    generate, get, export, fine-tune -> job, delete) with the same checks."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import FlakyStrategyDefinition, Unsatisfiable
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        negative_data_rejection,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+        negative_data_rejection,
+    ]
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", timeout=REQUEST_TIMEOUT)
+    statuses: Counter = Counter()
+    media_types: Counter = Counter()
+    failures: list[str] = []
+    operations = 0
+    wrong_token = {"Authorization": f"Bearer {ADMIN_TOKEN}-wrong"}
+
+    def fuzz(operation, mode: GenerationMode, headers: dict[str, str], expected: set[int] | None) -> None:
+        @settings(
+            max_examples=FUZZ_EXAMPLES,
+            deadline=None,
+            database=None,
+            derandomize=True,  # the same requests on every run: a failure reproduces
+            phases=[Phase.explicit, Phase.generate, Phase.shrink],
+            suppress_health_check=list(HealthCheck),
         )
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def call(case) -> None:
+            r = case.call(base_url=server.url, headers=headers, timeout=REQUEST_TIMEOUT)
+            statuses[r.status_code] += 1
+            media_types[r.headers.get("content-type", ["none"])[0].split(";")[0]] += 1  # schemathesis: lists
+            where = case.as_curl_command(headers=headers, base_url=server.url)
+            case.validate_response(r, checks=checks, headers=headers)
+            if r.status_code >= 400:
+                err = r.json()["error"]
+                assert err["type"] and err["message"], f"no error envelope: {r.text[:300]}\n{where}"
+            if expected is not None:
+                assert r.status_code in expected, f"{r.status_code} {r.text[:300]}\n{where}"
 
-        checks = [
-            not_a_server_error,
-            status_code_conformance,
-            content_type_conformance,
-            response_schema_conformance,
-            negative_data_rejection,
-        ]
-        server, _ = redis_replica
-        schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json", timeout=REQUEST_TIMEOUT)
-        statuses: Counter = Counter()
-        media_types: Counter = Counter()
-        failures: list[str] = []
-        operations = 0
-        wrong_token = {"Authorization": f"Bearer {ADMIN_TOKEN}-wrong"}
+        call()
 
-        def fuzz(operation, mode: GenerationMode, headers: dict[str, str], expected: set[int] | None) -> None:
-            @settings(
-                max_examples=FUZZ_EXAMPLES,
+    # Random bodies rarely make a valid streamed request (exactly one of prompt or messages):
+    # one each, so the event streams are checked against the schema on every run.
+    streamed = {
+        "/generate": {"user_id": "fuzz-stream", "prompt": "Hello", "max_tokens": 4, "stream": True},
+        "/v1/completions": {"prompt": "Hello", "max_tokens": 4, "stream": True},
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "stream": True},
+    }
+
+    def stream(operation) -> None:
+        case = operation.Case(body=streamed[operation.path], media_type="application/json")
+        r = case.call(base_url=server.url, timeout=REQUEST_TIMEOUT)
+        media_types[r.headers.get("content-type", ["none"])[0].split(";")[0]] += 1
+        assert r.status_code == 200, r.text[:300]
+        case.validate_response(r, checks=checks)
+        assert r.text.rstrip().endswith("data: [DONE]"), r.text[-300:]
+
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        operations += 1
+        # The admin token everywhere, so the fuzzer gets past the admin endpoints' auth; there
+        # also a wrong one, which never gets past it: a valid request is a 403; an invalid one
+        # may instead lose its token (a 401) or be unreadable JSON (a 400/422: FastAPI reads
+        # the body before it runs the auth dependency).
+        wrong = operation.path.startswith("/admin/")
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            runs: list[tuple[dict[str, str], set[int] | None]] = [(ADMIN, None)]
+            if wrong:
+                runs.append((wrong_token, {403} if mode == GenerationMode.POSITIVE else {400, 401, 403, 422}))
+            for headers, expected in runs:
+                label = f"{operation.label} ({mode.value}{', wrong token' if expected else ''})"
+                try:
+                    fuzz(operation, mode, headers, expected)
+                except Unsatisfiable:
+                    pass  # no invalid request exists for an operation without parameters
+                # Collect all operations' findings; schemathesis raises a BaseExceptionGroup.
+                except (Exception, BaseExceptionGroup) as e:  # noqa: BLE001
+                    failures.append(f"{label}: {type(e).__name__}: {e}")
+        if operation.path in streamed:
+            try:
+                stream(operation)
+            except (Exception, BaseExceptionGroup) as e:  # noqa: BLE001
+                failures.append(f"{operation.label} (streamed): {type(e).__name__}: {e}")
+
+    calls: Counter = Counter()
+
+    class Stateful(schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case) -> dict:
+            return {"headers": ADMIN, "timeout": REQUEST_TIMEOUT}
+
+        def after_call(self, response, case) -> None:
+            calls[case.operation.label, response.status_code] += 1
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs) -> None:
+            # Collected, not raised: Hypothesis would replay a failing sequence, and a live
+            # server's state (a job still running, a user deleted) makes replays diverge.
+            try:
+                case.validate_response(response, checks=checks, headers=ADMIN)
+            except (Exception, BaseExceptionGroup) as e:  # noqa: BLE001
+                failures.append(f"stateful {case.operation.label} -> {response.status_code}: {type(e).__name__}: {e}")
+
+    try:
+        Stateful.run(
+            settings=settings(
+                max_examples=STATEFUL_SEQUENCES,
+                stateful_step_count=6,
+                phases=[Phase.generate],  # no replay, no shrinking (see validate_response)
                 deadline=None,
                 database=None,
-                derandomize=True,  # the same requests on every run: a failure reproduces
-                phases=[Phase.explicit, Phase.generate, Phase.shrink],
+                derandomize=True,
                 suppress_health_check=list(HealthCheck),
             )
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def call(case) -> None:
-                r = case.call(base_url=server.url, headers=headers, timeout=REQUEST_TIMEOUT)
-                statuses[r.status_code] += 1
-                media_types[r.headers.get("content-type", ["none"])[0].split(";")[0]] += 1  # schemathesis: lists
-                where = case.as_curl_command(headers=headers, base_url=server.url)
-                case.validate_response(r, checks=checks, headers=headers)
-                if r.status_code >= 400:
-                    err = r.json()["error"]
-                    assert err["type"] and err["message"], f"no error envelope: {r.text[:300]}\n{where}"
-                if expected is not None:
-                    assert r.status_code in expected, f"{r.status_code} {r.text[:300]}\n{where}"
+        )
+    except FlakyStrategyDefinition:
+        pass  # the live server's state steers the sequences, so Hypothesis's re-runs of a sequence
+        # can diverge: that ends the run, not a finding (findings are collected in validate_response)
+    except (Exception, BaseExceptionGroup) as e:  # noqa: BLE001
+        failures.append(f"stateful: {type(e).__name__}: {e}")
+    assert not failures, "\n\n".join(failures)
+    # The links were followed with the ids they carry: the sequences reached the job and the
+    # user a previous step created (a random job id is never one), not only 404s.
+    followed = {label for (label, status), n in calls.items() if status < 300}
+    by_user = {"POST /generate", "GET /users/{user_id}", "GET /users/{user_id}/export", "DELETE /users/{user_id}"}
+    assert "GET /jobs/{job_id}" in followed and len(by_user & followed) >= 2, calls
+    assert operations >= 14, operations
+    assert sum(n for s, n in statuses.items() if s < 300) >= 30, statuses  # it got past validation too
+    assert statuses[403] >= FUZZ_EXAMPLES, statuses  # the wrong admin token was refused
+    # Streams and the Prometheus text were checked against their documented content types too.
+    assert media_types["text/event-stream"] == len(streamed) and media_types["text/plain"], media_types
+    with server.client() as c:
+        assert c.get("/readyz").status_code == 200  # the engine survived it all
 
-            call()
 
-        # Random bodies rarely make a valid streamed request (exactly one of prompt or messages):
-        # one each, so the event streams are checked against the schema on every run.
-        streamed = {
-            "/generate": {"user_id": "fuzz-stream", "prompt": "Hello", "max_tokens": 4, "stream": True},
-            "/v1/completions": {"prompt": "Hello", "max_tokens": 4, "stream": True},
-            "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "stream": True},
-        }
-
-        def stream(operation) -> None:
-            case = operation.Case(body=streamed[operation.path], media_type="application/json")
-            r = case.call(base_url=server.url, timeout=REQUEST_TIMEOUT)
-            media_types[r.headers.get("content-type", ["none"])[0].split(";")[0]] += 1
-            assert r.status_code == 200, r.text[:300]
-            case.validate_response(r, checks=checks)
-            assert r.text.rstrip().endswith("data: [DONE]"), r.text[-300:]
-
-        for result in schema.get_all_operations():
-            operation = result.ok()
-            operations += 1
-            # The admin token everywhere, so the fuzzer gets past the admin endpoints' auth; there
-            # also a wrong one, which never gets past it: a valid request is a 403; an invalid one
-            # may instead lose its token (a 401) or be unreadable JSON (a 400/422: FastAPI reads
-            # the body before it runs the auth dependency).
-            wrong = operation.path.startswith("/admin/")
-            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-                runs: list[tuple[dict[str, str], set[int] | None]] = [(ADMIN, None)]
-                if wrong:
-                    runs.append((wrong_token, {403} if mode == GenerationMode.POSITIVE else {400, 401, 403, 422}))
-                for headers, expected in runs:
-                    label = f"{operation.label} ({mode.value}{', wrong token' if expected else ''})"
-                    try:
-                        fuzz(operation, mode, headers, expected)
-                    except Unsatisfiable:
-                        pass  # no invalid request exists for an operation without parameters
-                    # Collect all operations' findings; schemathesis raises a BaseExceptionGroup.
-                    except (Exception, BaseExceptionGroup) as e:  # noqa: BLE001
-                        failures.append(f"{label}: {type(e).__name__}: {e}")
-            if operation.path in streamed:
-                try:
-                    stream(operation)
-                except (Exception, BaseExceptionGroup) as e:  # noqa: BLE001
-                    failures.append(f"{operation.label} (streamed): {type(e).__name__}: {e}")
-
-        calls: Counter = Counter()
-
-        class Stateful(schema.as_state_machine()):  # type: ignore[misc]
-            def get_call_kwargs(self, case) -> dict:
-                return {"headers": ADMIN, "timeout": REQUEST_TIMEOUT}
-
-            def after_call(self, response, case) -> None:
-                calls[case.operation.label, response.status_code] += 1
-
-            def validate_response(self, response, case, additional_checks=None, **kwargs) -> None:
-                # Collected, not raised: Hypothesis would replay a failing sequence, and a live
-                # server's state (a job still running, a user deleted) makes replays diverge.
-                try:
-                    case.validate_response(response, checks=checks, headers=ADMIN)
-                except (Exception, BaseExceptionGroup) as e:  # noqa: BLE001
-                    failures.append(f"stateful {case.operation.label} -> {response.status_code}: {type(e).__name__}: {e}")
-
-        try:
-            Stateful.run(
-                settings=settings(
-                    max_examples=STATEFUL_SEQUENCES,
-                    stateful_step_count=6,
-                    phases=[Phase.generate],  # no replay, no shrinking (see validate_response)
-                    deadline=None,
-                    database=None,
-                    derandomize=True,
-                    suppress_health_check=list(HealthCheck),
-                )
-            )
-        except FlakyStrategyDefinition:
-            pass  # the live server's state steers the sequences, so Hypothesis's re-runs of a sequence
-            # can diverge: that ends the run, not a finding (findings are collected in validate_response)
-        except (Exception, BaseExceptionGroup) as e:  # noqa: BLE001
-            failures.append(f"stateful: {type(e).__name__}: {e}")
-        assert not failures, "\n\n".join(failures)
-        # The links were followed with the ids they carry: the sequences reached the job and the
-        # user a previous step created (a random job id is never one), not only 404s.
-        followed = {label for (label, status), n in calls.items() if status < 300}
-        by_user = {"POST /generate", "GET /users/{user_id}", "GET /users/{user_id}/export", "DELETE /users/{user_id}"}
-        assert "GET /jobs/{job_id}" in followed and len(by_user & followed) >= 2, calls
-        assert operations >= 14, operations
-        assert sum(n for s, n in statuses.items() if s < 300) >= 30, statuses  # it got past validation too
-        assert statuses[403] >= FUZZ_EXAMPLES, statuses  # the wrong admin token was refused
-        # Streams and the Prometheus text were checked against their documented content types too.
-        assert media_types["text/event-stream"] == len(streamed) and media_types["text/plain"], media_types
-        with server.client() as c:
-            assert c.get("/readyz").status_code == 200  # the engine survived it all
+class TestRedisReplica:
+    def test_fuzzing_from_the_openapi_schema_finds_no_server_error_and_no_hang(self, redis_replica):
+        fuzz_openapi(redis_replica[0])
 
     def test_users_are_isolated_redis(self, redis_replica):
         server, _ = redis_replica
@@ -656,6 +659,17 @@ class TestAdapterCacheFull:
 
 
 # --- SIGKILL during writes, then graceful shutdown (SQLite, the embedded default) -----------------
+
+
+def test_fuzzing_on_the_sqlite_store_with_fine_tunes_that_run(tmp_path_factory, tiny_model_dir, tiny_bank):
+    """The same fuzzing on the embedded default's store (SQLite), where the in-process runner
+    trains the fine-tunes the fuzzer gets accepted (each cut at 30 s)."""
+    tmp = tmp_path_factory.mktemp("fuzz-sqlite")
+    env = server_env(tmp, tiny_model_dir, tiny_bank, MTA_FINETUNE_QUEUE_SIZE="1000", MTA_JOB_TIMEOUT_SECONDS="30")
+    with ServerProcess(tmp, env) as server:
+        fuzz_openapi(server)
+        with server.client() as c:
+            assert metric(c, "mta_finetune_jobs_started_total") >= 1  # they really ran
 
 
 @pytest.fixture(scope="class")
