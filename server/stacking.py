@@ -41,6 +41,10 @@ class StackedBlob:
             meta = {}
         return cls(version, meta.get("bank_version", ""), meta.get("job_id", ""), data)
 
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
     def lora(self) -> LoraWeights:
         return adapter_from_bytes(self.data)
 
@@ -62,7 +66,7 @@ class StackedBlob:
     def meta(self, targets: ModelTargets) -> StackedMeta:
         """What a request needs to know of it, without the bytes (checked against the model once)."""
         problems = self.problems(targets)
-        return StackedMeta(self.version, self.bank_version, self.job_id, len(self.data), self.digest, "; ".join(problems) or None)
+        return StackedMeta(self.version, self.bank_version, self.job_id, self.size, self.digest, "; ".join(problems) or None)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from server.lora_ops import kernel
 # gathers (`index_select`) and `index_copy_`, never `index_add_`: on CPU, `index_add_` into a
 # 16-bit tensor is several times slower than the product itself (it was most of the cost of
 # prefill with many adapters).
-# With the C++ kernel, `punica.add_lora_linear` does a whole layer in one call per token for
+# With the C++ kernel, `MtaPunicaWrapperCPU.add_lora_linear` does a whole layer in one call per token for
 # steps of at most FUSED_MAX_TOKENS tokens (decode steps), and for steps of more than
 # MAX_LOOP_RUNS runs with none of at least MIN_LOOP_RUN tokens (short prompts of many
 # adapters): see `_Plan`. By measurement (30 layers, 32 slots, one thread): 32 decode tokens
@@ -108,7 +108,7 @@ class _Plan:
 
     For decode-sized steps and steps of many short runs (see FUSED_MAX_TOKENS), `token_rows`
     and `token_slots` list the tokens with an adapter and their slots, for the kernel's
-    whole-layer call (`punica.add_lora_linear`); the pieces serve the six ops.
+    whole-layer call (`MtaPunicaWrapperCPU.add_lora_linear`); the pieces serve the six ops.
     """
 
     num_tokens: int

@@ -20,8 +20,7 @@ router = APIRouter(prefix="/users", tags=["users"])
 
 def _stacked_view(stacked: StackedBlob | StackedMeta) -> dict:
     """A stored stacked LoRA's metadata (never its tensors)."""
-    size = stacked.size if isinstance(stacked, StackedMeta) else len(stacked.data)
-    return {"version": stacked.version, "bank_version": stacked.bank_version, "job_id": stacked.job_id, "bytes": size}
+    return {"version": stacked.version, "bank_version": stacked.bank_version, "job_id": stacked.job_id, "bytes": stacked.size}
 
 
 def _view(ctx: UserContext) -> dict:
