@@ -401,8 +401,17 @@ def test_the_fusion_defaults_are_chosen_on_the_anchor_pool_and_recorded(built_ta
     assert selection["users"] == len(m.extra["validation"]["users"])
     assert {(r["mode"], r["top_k"]) for r in grid} == {("linear", 1), ("linear", 2), ("cat", 2)}  # 3 anchors: 2 others
     assert sorted({r["residual_scale"] for r in grid}) == [0.0, 0.25, 0.5, 1.0]
-    eligible = [r for r in grid if r["served_rank"] <= TASK_CONFIG.max_fused_rank]
-    best = min(eligible, key=lambda r: r["validation_loss"])
+    # the per-user losses are recorded; the grid's means and intervals are theirs
+    losses = np.array(selection["user_losses"])
+    assert losses.shape == (len(grid), selection["users"]) and len(selection["user_ids"]) == selection["users"]
+    assert [r["validation_loss"] for r in grid] == pytest.approx(losses.mean(axis=1).tolist(), abs=1e-4)
+    assert grid[0]["residual_scale"] == 0.0 and "vs_shared" not in grid[0]
+    for row, user_losses in zip(grid[1:], losses[1:]):
+        mean, low, high = row["vs_shared"]
+        assert mean == pytest.approx((user_losses - losses[0]).mean(), abs=1e-4) and low <= mean <= high
+    # the rule: the lowest mean among the candidates that beat the shared LoRA alone beyond noise, else the shared LoRA
+    better = [r for r in grid[1:] if r["served_rank"] <= TASK_CONFIG.max_fused_rank and r["vs_shared"][2] < 0]
+    best = min(better, key=lambda r: r["validation_loss"]) if better else grid[0]
     chosen = {k: best[k] for k in ("mode", "top_k", "residual_scale")}
     assert selection["chosen"] == chosen == m.fusion.model_dump()
     served = _load(report.path, tiny_model_dir)

@@ -441,7 +441,7 @@ def build_bank(
 
     fusion, selection = config.fusion, None
     if config.select_fusion and config.validation_items > 0 and len(clusters) > 1:
-        from server.bank.selection import choose_fusion
+        from server.bank.selection import RULE, choose_fusion
 
         cluster_of = {u.user_id: c.id for c in clusters for u in c.members}
         users_in = [(splits[u.user_id][0], validation[u.user_id], cluster_of[u.user_id]) for u in pool]
@@ -452,6 +452,7 @@ def build_bank(
                 "shared": shared_record["fingerprint"] if shared_record else None,
                 "users": [(u.user_id, u.profile, [dataclasses.astuple(e) for e in held], own) for u, held, own in users_in],
                 "base": config.fusion.model_dump(), "max_fused_rank": config.max_fused_rank, "max_length": train.max_length,
+                "rule": RULE,
             },
             lambda: choose_fusion(
                 embedder, model, tokenizer, task,

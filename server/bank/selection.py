@@ -5,9 +5,16 @@ embedded from its training items, its own cluster's anchor is left out of the re
 (that meta-LoRA was trained on the user's data), the remaining anchors are fused as the
 server would fuse them for each candidate (mode, top_k, residual scale), and the candidate
 is scored by the mean answer loss on the user's validation items (held out of every
-training). The lowest mean over users wins; ties go to the earlier candidate, which is the
-smaller residual scale. A candidate whose served rank would leave no room for a stacked
-LoRA (`max_fused_rank`) is scored but not chosen.
+training). A candidate whose served rank would leave no room for a stacked LoRA
+(`max_fused_rank`) is scored but not chosen.
+
+The rule (fixed before it was applied to any bank evaluated with it, see docs/results.md):
+in a bank with a shared task LoRA, a candidate must beat the shared LoRA alone (residual
+scale 0) beyond the pool's noise: the 95% interval of its paired per-user loss difference
+(users resampled with replacement) lies below zero. Of those, the lowest mean loss wins;
+if none does, the bank serves the shared LoRA alone. A small pool (LaMP-4: 10 users) spans
+its whole grid within noise, and picking its lowest mean there is picking noise. Without a
+shared LoRA the lowest mean wins. Ties go to the earlier candidate (the smaller scale).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ LINEAR_TOP_K = (1, 2, 4)
 CAT_TOP_K = (2,)
 RESIDUAL_SCALES = (0.0, 0.25, 0.5, 1.0)
 WEIGHT_ROUND_STEP = Settings.model_fields["weight_round_step"].default  # as the server rounds
+RULE = "beats the shared LoRA alone beyond noise (95% paired user-bootstrap interval < 0), then lowest mean"
+RESAMPLES = 1000
 
 
 def candidates(n_anchors: int, has_shared: bool, base: FusionDefaults) -> list[FusionDefaults]:
@@ -92,19 +101,47 @@ def choose_fusion(
             )  # fmt: skip
             jobs.append((validation, adapter))
         losses[:, j] = mean_losses(model, tokenizer, jobs, max_length=max_length)
-    mean = losses.mean(axis=1)
+    served = [fused_rank(list(ranks.values()), c.mode, c.top_k, shared_rank, c.residual_scale) for c in grid]
+    best, intervals = choose(losses, [r <= max_fused_rank for r in served], baseline=0 if shared is not None else None)
     rows = []
-    for c, loss in zip(grid, mean):
-        rank = fused_rank(list(ranks.values()), c.mode, c.top_k, shared_rank, c.residual_scale)
-        rows.append({**c.model_dump(), "validation_loss": round(float(loss), 4), "served_rank": rank})
-    eligible = [i for i, r in enumerate(rows) if r["served_rank"] <= max_fused_rank]
-    if not eligible:
-        raise ValueError(f"no fusion candidate fits max_fused_rank {max_fused_rank}: {rows}")
-    best = min(eligible, key=lambda i: (mean[i], i))
+    for i, c in enumerate(grid):
+        row = {**c.model_dump(), "validation_loss": round(float(losses[i].mean()), 4), "served_rank": served[i]}
+        if intervals[i] is not None:
+            row["vs_shared"] = [round(v, 4) for v in intervals[i]]
+        rows.append(row)
     return {
         "criterion": "mean over anchor-pool users of the answer loss on their validation items; "
         "each user's own cluster's anchor left out of the retrieval",
+        "rule": RULE if shared is not None else "lowest mean",
         "users": len(users),
+        "user_ids": [str(u.user_id) for u, _, _ in users],
+        "user_losses": [[round(float(v), 5) for v in row] for row in losses],
         "grid": rows,
         "chosen": grid[best].model_dump(),
     }
+
+
+def paired_interval(differences: np.ndarray, *, resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, 2.5th, 97.5th percentile) of the per-user differences' mean, users resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    n = len(differences)
+    means = differences[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+    return float(differences.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def choose(
+    losses: np.ndarray, eligible: Sequence[bool], *, baseline: int | None
+) -> tuple[int, list[tuple[float, float, float] | None]]:
+    """The chosen row of `losses` (candidates x users) under the module's rule, and each row's interval vs `baseline`.
+
+    `baseline`: the row of the shared LoRA alone (None: no shared LoRA, the lowest mean wins).
+    """
+    if not any(eligible):
+        raise ValueError("no fusion candidate fits max_fused_rank")
+    mean = losses.mean(axis=1)
+    lowest = lambda rows: min(rows, key=lambda i: (mean[i], i))  # noqa: E731
+    if baseline is None:
+        return lowest([i for i, ok in enumerate(eligible) if ok]), [None] * len(losses)
+    intervals = [None if i == baseline else paired_interval(losses[i] - losses[baseline]) for i in range(len(losses))]
+    better = [i for i, ok in enumerate(eligible) if ok and intervals[i] is not None and intervals[i][2] < 0]
+    return (lowest(better) if better else baseline), intervals
