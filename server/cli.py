@@ -58,7 +58,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
 def cmd_model_prepare(args: argparse.Namespace) -> None:
     """Convert the default model and build the LoRA decode kernel, so serving compiles nothing."""
     from server.defaults import resolve_model
-    from server.engine import served_dtype
+    from server.engine_args import served_dtype
     from server.lora_ops import prepare_lora_path
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -94,7 +94,8 @@ def _offline_setup(threads: int | None) -> None:
 def cmd_bank_build(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from server.bank.build import BankBuildError, BuildConfig, build_bank
+    from server.bank.build import BuildConfig, build_bank
+    from server.lamp_data import DataError
     from server.bank.manifest import FusionDefaults
     from server.defaults import resolve_model
     from server.embedding import DEFAULT_EMBEDDING_MODEL
@@ -142,7 +143,7 @@ def cmd_bank_build(args: argparse.Namespace) -> None:
         report = build_bank(
             args.data, args.out, config, model_dir=path, model_id=model_id, work_dir=args.work_dir, keep_work=args.keep_work
         )
-    except BankBuildError as e:
+    except DataError as e:  # BankBuildError is one
         sys.exit(f"mta bank build: {e}")
     size = sum(f.stat().st_size for f in report.path.rglob("*") if f.is_file())
     print(f"bank {report.manifest.bank_version} written to {report.path} ({size / 1e6:.1f} MB)")
@@ -195,7 +196,6 @@ def cmd_bank_show(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from server.bank.build import BankBuildError
     from server.defaults import resolve_model
     from server.evaluation.config import EvalConfig
     from server.evaluation.methods import parse_methods
@@ -239,7 +239,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             folds=args.folds,
         )
         result = run(config)
-    except (ValueError, OSError, BankBuildError) as e:
+    except (ValueError, OSError) as e:  # bad data, settings or banks (DataError, BankBuildError)
         sys.exit(f"mta eval: {e}")
     print(markdown_table(result))
     print(f"timings: {format_timings(result['timings'])}")

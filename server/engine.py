@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -12,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from server.engine_args import EngineSpec
+from server.engine_args import EngineSpec, LoraSlots, served_dtype
 from server.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -26,14 +25,6 @@ log = logging.getLogger(__name__)
 
 class EngineStartError(RuntimeError):
     """The engine could not start; the server exits with this message."""
-
-
-def served_dtype(settings: Settings, model_path: Path) -> str:
-    """The dtype vLLM serves in: the setting, or for `auto` the model's own."""
-    if settings.dtype != "auto":
-        return settings.dtype
-    config = json.loads((model_path / "config.json").read_text())
-    return str(config.get("torch_dtype") or config.get("dtype") or "float32")
 
 
 @dataclass(frozen=True)
@@ -54,6 +45,7 @@ class Engine:
         self._llm = None
         self.lora_path: str | None = None  # which LoRA ops the engine runs (`server.lora_ops.LORA_PATHS`)
         self.lora_path_note: str | None = None  # why the fast ops are not used although asked for
+        self.lora_slots: LoraSlots | None = None
 
     def start(self) -> None:
         """Start vLLM (its engine core runs in a subprocess); raise EngineStartError with the reason."""
@@ -74,6 +66,8 @@ class Engine:
         try:
             from vllm.v1.engine.async_llm import AsyncLLM
 
+            self.lora_slots = LoraSlots.from_settings(s, self.model_path)
+            log.info("LoRA slots: %d (%s)", self.lora_slots.max_loras, self.lora_slots.chosen_by)
             args = EngineSpec.from_settings(s, self.model_path, self.model_id).async_engine_args()
             self._llm = AsyncLLM.from_engine_args(args)
         except Exception as e:  # noqa: BLE001 - any failure here means "cannot serve"

@@ -676,7 +676,7 @@ class JobRunner:
         """Train the stacked LoRA; returns the job's final fields and the LoRA's bytes (stored by the caller)."""
         user_id, params = job["user_id"], job["params"]
         if self.follow_bank and job["bank_version"] != self.personalizer.banks.current.version:
-            await self.personalizer.banks.load(Path(job["bank_path"]))
+            await self.personalizer.swap_bank(Path(job["bank_path"]))
         ctx = await self.personalizer.context(user_id)
         if ctx.record is None or ctx.plan is None:
             raise RuntimeError(f"user {user_id!r} has no profile any more")

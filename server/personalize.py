@@ -10,12 +10,14 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import torch
 
 from server.adapter_cache import AdapterCache, AdapterKey
 from server.adapters import LoraWeights, save_adapter, serving_dtype
+from server.bank.loader import BankError
 from server.bank.registry import BankRegistry, ServedBank
 from server.errors import Conflict, InvalidInput, NotFound
 from server.fusion import FusionPlan, materialize, plan_fusion
@@ -98,6 +100,13 @@ class UserLru(Generic[V]):
         """A deleted user's history leaves memory with the user (None: every user's)."""
         for key in [k for k in self._entries if user_id is None or k[0] == user_id]:
             del self._entries[key]
+
+
+@dataclass(frozen=True)
+class BankSwap:
+    old: ServedBank | None
+    new: ServedBank
+    dropped_adapters: int
 
 
 @dataclass(frozen=True)
@@ -331,8 +340,26 @@ class Personalizer:
         for cache in (self._indexes, self._plans, self._stacked):
             cache.forget(user_id)
 
-    def on_bank_swap(self, old: ServedBank | None) -> int:
-        """Adapters of the old bank can never be requested again: drop them (in-flight ones finish)."""
-        if old is None or self.cache is None:
-            return 0
-        return self.cache.invalidate(lambda k: k.bank == old.uid)
+    async def swap_bank(self, path: Path) -> BankSwap:
+        """The one bank-swap protocol (start-up, the admin reload, a worker following a job's bank).
+
+        The new bank loads beside the old one (a broken bank raises BankError and the old one
+        keeps serving); then the old bank's adapters, which no request can ask for again, are
+        dropped from the adapter cache and from vLLM (`remove_lora`; in-flight ones finish
+        first), and the served version is published.
+        """
+        try:
+            old, new = await self.banks.load(path)
+        except BankError:
+            if self.metrics is not None:
+                self.metrics.bank_reloads.labels(result="refused").inc()
+            raise
+        dropped = 0
+        if old is not None and self.cache is not None:
+            dropped = self.cache.invalidate(lambda k: k.bank == old.uid)
+            await self.cache.settle()  # the engine has let go of them too: their space is free on return
+        if self.metrics is not None:
+            self.metrics.set_bank(new.version)
+            if old is not None:
+                self.metrics.bank_reloads.labels(result="ok").inc()
+        return BankSwap(old, new, dropped)

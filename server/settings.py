@@ -40,7 +40,12 @@ class Settings(BaseSettings):
     max_model_len: int = Field(2048, ge=64)
     max_num_seqs: int = Field(64, ge=1)
     max_lora_rank: int = 16
-    max_loras: int = Field(8, ge=1, description="Distinct adapters one engine step can batch.")
+    max_loras: int | None = Field(
+        None, ge=1, description="Distinct adapters one engine step can batch; unset = as many as lora_memory_mb holds."
+    )
+    lora_memory_mb: int = Field(
+        600, ge=1, description="Memory for the engine's LoRA slots when max_loras is unset (at most max_num_seqs slots)."
+    )
     max_cpu_loras: int | None = Field(None, ge=1, description="Adapters vLLM keeps loaded; unset = 4 x max_loras.")
     cpu_kvcache_space_gb: int = Field(2, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU.")
     fast_cpu_lora_ops: bool = Field(
@@ -147,7 +152,3 @@ class Settings(BaseSettings):
     @cached_property
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite:///{(self.data_dir / 'users.db').resolve()}"
-
-    @property
-    def resolved_max_cpu_loras(self) -> int:
-        return self.max_cpu_loras or 4 * self.max_loras

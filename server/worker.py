@@ -21,8 +21,9 @@ async def run_worker(settings: Settings) -> None:
     store = open_store(settings.resolved_store_url)
     await store.ping()
     banks = BankRegistry(settings, model_id, model_path)
-    await banks.load(resolve_bank_path(settings, model_path, model_id))
-    runner = JobRunner(settings, store, Personalizer(settings, store, banks), model_path, follow_bank=True)
+    personalizer = Personalizer(settings, store, banks)
+    await personalizer.swap_bank(resolve_bank_path(settings, model_path, model_id))
+    runner = JobRunner(settings, store, personalizer, model_path, follow_bank=True)
     if failed := await runner.recover(all_running=False):
         log.warning("%d stale running job(s) marked failed", failed)
     stop = asyncio.Event()

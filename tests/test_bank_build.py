@@ -13,23 +13,11 @@ import torch
 
 from server.adapters import fuse, load_adapter
 from server.adapters.targets import ModelTargets
-from server.bank.build import (
-    REFIT_DIR,
-    SHARED_LORA_DIR,
-    BankBuildError,
-    BuildConfig,
-    User,
-    build_bank,
-    choose_anchors,
-    heldout_examples,
-    leave_one_out_examples,
-    load_users,
-    split_items,
-    split_users,
-)
+from server.bank.build import REFIT_DIR, SHARED_LORA_DIR, BankBuildError, BuildConfig, build_bank, choose_anchors
 from server.bank.loader import load_bank
 from server.cli import main as mta
 from server.evaluation.folds import build_config_from_manifest
+from server.lamp_data import DataError, User, heldout_examples, leave_one_out_examples, load_users, split_items, split_users
 from server.prompts import render_item
 from server.tasks import TASKS, TaskError, make_task
 from server.training import TrainConfig, load_base_model, load_tokenizer, mean_loss
@@ -249,7 +237,7 @@ def test_a_file_that_is_not_lamp_is_a_clear_error_naming_the_first_bad_record(tm
     path.write_text(
         data if isinstance(data, str) and data == "not json" else json.dumps(users if isinstance(data, str) else data)
     )
-    with pytest.raises(BankBuildError, match=message):
+    with pytest.raises(DataError, match=message):
         load_users(path, TASK)
 
 

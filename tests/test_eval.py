@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.bank.build import User
+from server.lamp_data import User
 from server.evaluation.methods import parse_methods
 from server.evaluation.metrics import (
     accuracy,
@@ -283,7 +283,7 @@ def test_two_folds_evaluate_every_user_once_with_both_banks(tmp_path, lamp_file,
     assert "timings: fold2_bank" in proc.stdout and "over 2 folds" in (out / "results.md").read_text()
 
     # A second run's folds reuse the cached fold-2 bank (same settings, same data) instead of rebuilding it.
-    from server.bank.build import load_users
+    from server.lamp_data import load_users
 
     before = (bank2 / "manifest.json").stat().st_mtime_ns
     cfg = EvalConfig(

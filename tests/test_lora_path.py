@@ -87,8 +87,13 @@ def _serve_bf16(tmp: Path, model: Path, bank: Path, **extra: str) -> tuple[str, 
     """(reported LoRA path, /readyz, greedy token ids per user) from a bf16 server."""
     tmp.mkdir()
     env = server_env(tmp, model, bank, MTA_DTYPE="bfloat16", **extra)
+    del env["MTA_MAX_LORAS"]  # the default: slots sized from the memory budget
     with ServerProcess(tmp, env).start() as server, server.client() as c:
         ready = c.get("/readyz").json()
+        # the tiny model's slots are small: the default budget holds more than a step's sequences
+        slots = ready["lora_slots"]
+        assert slots["max_loras"] == int(env["MTA_MAX_NUM_SEQS"]) and slots["max_cpu_loras"] == 4 * slots["max_loras"]
+        assert slots["chosen_by"].startswith("MTA_LORA_MEMORY_MB=600") and "capped" in slots["chosen_by"]
         metrics = c.get("/metrics").text
         outputs = []
         for user, items in USERS.items():

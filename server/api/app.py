@@ -40,8 +40,6 @@ async def build_services(settings: Settings) -> tuple[Services, JobRunner | None
     store = open_store(settings.resolved_store_url)
     await store.ping()
     banks = BankRegistry(settings, model_id, model_path)
-    _, served = await banks.load(resolve_bank_path(settings, model_path, model_id))
-    metrics.set_bank(served.version)
     engine = Engine(settings, model_path, model_id)
     cache = AdapterCache(
         settings.adapter_cache_dir,
@@ -51,12 +49,13 @@ async def build_services(settings: Settings) -> tuple[Services, JobRunner | None
     )
     metrics.watch_adapter_cache(cache)  # read at each scrape
     metrics.watch_engine(engine)
+    personalizer = Personalizer(settings, store, banks, cache, metrics)
     try:
+        await personalizer.swap_bank(resolve_bank_path(settings, model_path, model_id))  # a broken bank fails fast
         engine.start()
     except BaseException:
         cache.close()  # this process exits: leave no directory behind
         raise
-    personalizer = Personalizer(settings, store, banks, cache, metrics)
     generator = Generator(settings, engine, personalizer, tokenizer, metrics)
     jobs = JobService(settings, store, personalizer)
     runner = JobRunner(settings, store, personalizer, model_path) if settings.finetune_runner == "inprocess" else None

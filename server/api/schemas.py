@@ -348,12 +348,20 @@ class RunnerHealth(BaseModel):
     store_error: str | None = None
 
 
+class LoraSlotsView(BaseModel):
+    max_loras: int = Field(description="Distinct adapters one engine step batches.")
+    max_cpu_loras: int = Field(description="Adapters vLLM keeps loaded in host memory.")
+    slot_bytes: int | None = Field(description="What one slot costs (None: MTA_MAX_LORAS was set).")
+    chosen_by: str = Field(description="MTA_MAX_LORAS, or the memory budget and the slot size it was divided by.")
+
+
 class ReadyView(BaseModel):
     status: Literal["ready"]
     bank_version: str
     model: str
     lora_path: str | None = Field(description="How LoRA layers run: kernel, grouped ops, or vLLM's stock ops.")
     lora_path_note: str | None = Field(None, description="Why a faster path was asked for and not used.")
+    lora_slots: LoraSlotsView
     finetune_runner: RunnerHealth
 
 

@@ -414,11 +414,12 @@ def pool_embeddings(
     no split is recorded); each is the normalised mean embedding of its rendered history items.
     Notes say when the file is not the one the bank was built from.
     """
-    from server.bank.build import read_json, sha256_file
+    from server.bank.build import sha256_file
+    from server.lamp_data import read_json
     from server.prompts import render_item
 
     data = Path(data)
-    records = read_json(data)  # BankBuildError is a ValueError
+    records = read_json(data)  # DataError is a ValueError
     if not isinstance(records, list) or not all(isinstance(r, dict) and "user_id" in r for r in records):
         raise ValueError(f"{data} is not a LaMP user file (a JSON list of {{user_id, profile, ...}} objects)")
     extra = _dict(manifest.extra)

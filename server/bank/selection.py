@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 
 from server.adapters import LoraWeights, fuse
-from server.bank.build import User
 from server.bank.loader import fused_rank
 from server.bank.manifest import FusionDefaults
 from server.fusion import anchor_weights
+from server.lamp_data import User
 from server.settings import Settings
 from server.tasks import Task
 from server.training import Example, mean_losses

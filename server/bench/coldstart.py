@@ -240,7 +240,8 @@ def _server_defaults() -> dict[str, Any]:
     from server.settings import Settings
 
     f = Settings.model_fields
-    max_loras = f["max_loras"].default
+    # unset: sized from MTA_LORA_MEMORY_MB (server.engine_args.LoraSlots); 32 for SmolLM2-135M on the CPU
+    max_loras = f["max_loras"].default or 32
     return {
         "round_step": f["weight_round_step"].default,
         "adapter_cache": f["adapter_cache_size"].default,

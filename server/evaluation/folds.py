@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.bank.build import BankBuildError, BuildConfig, User, build_bank
+from server.bank.build import BankBuildError, BuildConfig, build_bank
 from server.bank.manifest import MANIFEST_FILE, FusionDefaults
 from server.evaluation.protocol import split_from_manifest
+from server.lamp_data import User
 from server.tasks import Task
 from server.training import TrainConfig
 

@@ -14,13 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.bank.build import (
-    BankBuildError,
-    User,
-    leave_one_out_examples,
-    load_users,
-    split_users,
-)
+from server.lamp_data import DataError, User, leave_one_out_examples, load_users, split_users
 from server.prompts import retrieve_top1, user_content
 from server.tasks import Task
 from server.training import Example
@@ -91,7 +85,7 @@ def split_from_manifest(users: Sequence[User], extra: dict[str, Any], holdout_fr
         held = [u for u in users if str(u.user_id) in held_ids]
         pool = [u for u in users if str(u.user_id) in pool_ids]
         if not held:
-            raise BankBuildError("none of the bank's held-out users is in the data file: wrong --data for this bank?")
+            raise DataError("none of the bank's held-out users is in the data file: wrong --data for this bank?")
         return pool, held
     return split_users(users, holdout_fraction)
 

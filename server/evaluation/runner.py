@@ -31,12 +31,12 @@ from server.adapters import (
     save_adapter,
     stack,
 )
-from server.bank.build import leave_one_out_examples
 from server.evaluation.config import EvalConfig
 from server.evaluation.folds import Fold, make_folds, read_manifest_json
-from server.evaluation.methods import COMPARISONS, Method
+from server.evaluation.methods import COMPARISONS, Fused
 from server.evaluation.metrics import METRICS, bootstrap_ci, normalize_label, paired_difference, score
 from server.evaluation.protocol import EvalUser, eval_users, load_task_users
+from server.lamp_data import leave_one_out_examples
 from server.settings import ALLOWED_MAX_LORA_RANKS, Settings
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class AdapterBuilder:
             self._task_lora = load_adapter(self.task_adapter().path)
         return self._task_lora
 
-    def served_bank(self, method: Method) -> Any:
+    def served_bank(self, method: Fused) -> Any:
         from server.bank.registry import BankRegistry
 
         key = (method.fusion_mode, method.top_k, method.residual_scale)
@@ -152,7 +152,7 @@ class AdapterBuilder:
             self._banks[key] = BankRegistry(settings, self.cfg.model_id, self.cfg.model_dir).open(self.cfg.bank)
         return self._banks[key]
 
-    def fused(self, method: Method, user: EvalUser) -> LoraWeights:
+    def fused(self, method: Fused, user: EvalUser) -> LoraWeights:
         from server.fusion import build_adapter, plan_fusion
 
         served = self.served_bank(method)
@@ -171,44 +171,48 @@ class AdapterBuilder:
         )
         return build_adapter(served.bank, plan, max(ALLOWED_MAX_LORA_RANKS))
 
-    # --- per method ---------------------------------------------------------------------------
+    # --- per method (called by the `Method` objects) -------------------------------------------
 
-    def build(self, method: Method, user: EvalUser) -> Adapter | None:
-        from server.stacking import stacked_to_bytes, train_stacked
+    def oppu_adapter(self, user: EvalUser) -> Adapter:
+        """A rank-8 LoRA trained on the user's few-shot set over `task_lora`, served concatenated onto it."""
         from server.training import train_lora
 
-        cfg, uid = self.cfg, str(user.user_id)
-        examples = user.training_examples(cfg.task)
-        if method.name in ("base", "rag"):
-            return None
-        if method.name == "task_lora":
-            return self.task_adapter()
-        if method.name == "oppu":
-            shared = self.task_adapter()
-            fp = _digest({"under": shared.train, "train": dataclasses.asdict(cfg.oppu_train), "ex": [dataclasses.astuple(e) for e in examples]})
+        examples = user.training_examples(self.cfg.task)
+        shared, train = self.task_adapter(), self.cfg.oppu_train
+        fp = _digest({"under": shared.train, "train": dataclasses.asdict(train), "ex": [dataclasses.astuple(e) for e in examples]})
 
-            def make_oppu():
-                task_lora = self.task_lora()
-                result = train_lora(self.model, self.tokenizer, examples, cfg.oppu_train, base_adapter=task_lora)
-                return stack(task_lora, result.lora), len(adapter_to_bytes(result.lora)), self._train_info(result)
+        def make():
+            task_lora = self.task_lora()
+            result = train_lora(self.model, self.tokenizer, examples, train, base_adapter=task_lora)
+            return stack(task_lora, result.lora), len(adapter_to_bytes(result.lora)), self._train_info(result)
 
-            return self._cached("oppu", uid, fp, make_oppu)
-        bank_fp = {
-            "bank": str(cfg.bank), "version": self.bank_version, "mode": method.fusion_mode, "k": method.top_k,
+        return self._cached("oppu", str(user.user_id), fp, make)
+
+    def _bank_fingerprint(self, method: Fused) -> dict[str, Any]:
+        return {
+            "bank": str(self.cfg.bank), "version": self.bank_version, "mode": method.fusion_mode, "k": method.top_k,
             "scale": method.residual_scale,
         }  # fmt: skip
-        if method.name == "mta_stack":
-            fp = _digest({**bank_fp, "train": dataclasses.asdict(cfg.stack_train), "ex": [dataclasses.astuple(e) for e in examples], "few": user.few_shot})
 
-            def make_stack():
-                fused = self.fused(method, user)
-                result = train_stacked(self.model, self.tokenizer, fused, examples, cfg.stack_train)
-                stored = stacked_to_bytes(result.lora, bank_version=self.bank_version, job_id="eval")
-                return stack(fused, result.lora), len(stored), self._train_info(result)
+    def fused_adapter(self, method: Fused, user: EvalUser) -> Adapter:
+        fp = _digest({**self._bank_fingerprint(method), "few": user.few_shot})
+        return self._cached(method.name, str(user.user_id), fp, lambda: (self.fused(method, user), 0, {}))
 
-            return self._cached("mta_stack", uid, fp, make_stack)
-        fp = _digest({**bank_fp, "few": user.few_shot})
-        return self._cached(method.name, uid, fp, lambda: (self.fused(method, user), 0, {}))
+    def stacked_adapter(self, method: Fused, user: EvalUser) -> Adapter:
+        """The server's fine-tune: a stacked LoRA trained over the fused adapter, stored as the server stores it."""
+        from server.stacking import stacked_to_bytes, train_stacked
+
+        examples, train = user.training_examples(self.cfg.task), self.cfg.stack_train
+        few = {"train": dataclasses.asdict(train), "ex": [dataclasses.astuple(e) for e in examples], "few": user.few_shot}
+        fp = _digest({**self._bank_fingerprint(method), **few})
+
+        def make():
+            fused = self.fused(method, user)
+            result = train_stacked(self.model, self.tokenizer, fused, examples, train)
+            stored = stacked_to_bytes(result.lora, bank_version=self.bank_version, job_id="eval")
+            return stack(fused, result.lora), len(stored), self._train_info(result)
+
+        return self._cached(method.name, str(user.user_id), fp, make)
 
 
 def _step_bar(desc: str):
@@ -238,7 +242,7 @@ def build_adapters(
     """Every trained method's adapter per evaluated user, in fold order; `task_lora` and banks per fold."""
     from tqdm.auto import tqdm
 
-    trained = [m for m in cfg.methods if m.model and m.name not in ("base", "rag")]
+    trained = [m for m in cfg.methods if m.trains]
     adapters: dict[str, list[Adapter | None]] = {m.name: [] for m in trained}
     seconds: dict[str, float] = timings.setdefault("train", {})
     for fold, users in zip(folds, fold_users):
@@ -248,7 +252,7 @@ def build_adapters(
         prefix = f"fold {fold.index} " if len(folds) > 1 else ""
         for m in trained:
             started, loading = time.perf_counter(), builder.load_seconds
-            adapters[m.name] += [builder.build(m, u) for u in tqdm(users, desc=f"{prefix}adapters: {m.name}", unit="user")]
+            adapters[m.name] += [m.adapter(builder, u) for u in tqdm(users, desc=f"{prefix}adapters: {m.name}", unit="user")]
             spent = time.perf_counter() - started - (builder.load_seconds - loading)
             seconds[m.name] = seconds.get(m.name, 0.0) + spent
         timings["load_training_model"] = timings.get("load_training_model", 0.0) + builder.load_seconds
@@ -326,13 +330,7 @@ def generation_jobs(cfg: EvalConfig, users: Sequence[EvalUser], adapters: dict[s
 
 def reference_outputs(cfg: EvalConfig, users: Sequence[EvalUser]) -> dict[str, list[str]]:
     """The rows computed from the data alone (no model)."""
-    outputs: dict[str, list[str]] = {}
-    for m in cfg.methods:
-        if m.name == "majority":
-            outputs[m.name] = [u.majority_label(cfg.task) for u in users for _ in u.points]
-        elif m.name == "copy_retrieved":
-            outputs[m.name] = [u.copy_retrieved(p, cfg.task) for u in users for p in u.points]
-    return outputs
+    return {m.name: m.answers(users, cfg.task) for m in cfg.methods if not m.model}
 
 
 # --- the run ---------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from fastapi import APIRouter
 from server.api.deps import AdminDep, ServicesDep
 from server.api.errors import error_responses
 from server.api.schemas import BankView, ReloadRequest, ReloadView
-from server.bank.loader import BankError
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep], responses=error_responses(401, 403))
 
@@ -38,19 +37,12 @@ async def get_bank(services: ServicesDep) -> dict:
 async def reload_bank(services: ServicesDep, body: ReloadRequest | None = None) -> dict:
     """Load a bank beside the current one and swap; a broken bank is refused and the old one keeps serving."""
     path = Path(body.path) if body and body.path else services.banks.current.bank.path
-    try:
-        old, new = await services.banks.load(path)
-    except BankError:
-        services.metrics.bank_reloads.labels(result="refused").inc()
-        raise
-    dropped = services.personalizer.on_bank_swap(old)
-    await services.cache.settle()  # the engine has let go of them too: their space is free on return
-    services.metrics.set_bank(new.version)
-    services.metrics.bank_reloads.labels(result="ok").inc()
+    swap = await services.personalizer.swap_bank(path)
+    old, new = swap.old, swap.new
     return {
         "previous_version": old.version if old else None,
         "bank_version": new.version,
         "path": str(new.bank.path),
         "anchors": len(new.bank.manifest.anchors),
-        "invalidated_adapters": dropped,
+        "invalidated_adapters": swap.dropped_adapters,
     }

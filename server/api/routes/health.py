@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from fastapi import APIRouter, Response
 
 from server.api.deps import ServicesDep
@@ -41,6 +43,7 @@ async def readyz(services: ServicesDep):
         "model": services.engine.model_id,
         "lora_path": services.engine.lora_path,
         "lora_path_note": services.engine.lora_path_note,
+        "lora_slots": dataclasses.asdict(services.engine.lora_slots),
         "finetune_runner": runner,
     }
 
