@@ -253,8 +253,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from server.bench import BENCHMARKS
 
-    module = importlib.import_module(BENCHMARKS[args.name])
-    result = module.run(args)
+    from server.bench import harness
+
+    result = harness.run(importlib.import_module(BENCHMARKS[args.name]).SCENARIO, args)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -19,13 +19,26 @@ from server.cli import main
 def bench(name: str, out: Path, *options: str) -> dict:
     main(["bench", name, "--out", str(out), "--", *options])
     result = json.loads(out.read_text())
-    assert result["benchmark"] == name
+    assert result["benchmark"] == name and result["command"].startswith(f"mta bench {name}")
+    assert result["kind"] in ("benchmark", "calculator") and result["machine"]["cpu_count"] >= 1  # the harness's stamp
     assert isinstance(result["ratio"], (int, float)) and math.isfinite(result["ratio"]), result["ratio"]
     return result
 
 
 def test_every_benchmark_is_registered() -> None:
     assert {"fusion", "serving", "coldstart", "storage", "finetune", "overhead"} <= set(BENCHMARKS)
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_every_benchmark_is_a_scenario_of_the_one_harness(name: str) -> None:
+    import importlib
+
+    scenario = importlib.import_module(BENCHMARKS[name]).SCENARIO
+    assert scenario.name == name
+    flags = {a for action in scenario.parser()._actions for a in action.option_strings}
+    if name in ("serving", "coldstart", "finetune", "overhead"):  # they measure a server: a running one or their own
+        assert {"--url", "--model", "--workdir", "--quick"} <= flags
+    assert scenario.kind == ("calculator" if name == "storage" else "benchmark")
 
 
 def test_fusion(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -109,17 +122,12 @@ def test_coldstart_cache_simulation_uses_the_server_keys() -> None:
     import numpy as np
 
     from server.bank.index import AnchorIndex
-    from server.bench.coldstart import (
-        build_parser,
-        sample_users,
-        simulate_cache,
-        user_keys,
-    )
+    from server.bench.coldstart import SCENARIO, sample_users, simulate_cache, user_keys
     from server.fusion import plan_fusion
 
     population = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
     anchors = population[:12]
-    opts = build_parser().parse_args(
+    opts = SCENARIO.parser().parse_args(
         ["--sim-users", "3000", "--sim-anchors", "12", "--sim-steps", "0,0.1", "--sim-cache", "4,16,10000"]
     )
     keys = user_keys(population, anchors, opts, np.random.default_rng(1))

@@ -1,8 +1,9 @@
 """Benchmarks: `mta bench NAME --out FILE.json`. Each prints a short table and writes JSON.
 
-Every benchmark module exposes `run(args: argparse.Namespace) -> dict`, returning the JSON to
-write (with a top-level "ratio"); `args.options` holds the benchmark's own flags, which the
-module parses itself so `mta --help` never imports it.
+Every benchmark module exposes `SCENARIO` (`server.bench.harness.Scenario`: its options, what it
+measures, its table); the harness parses `args.options` (the benchmark's own flags, imported
+only when it runs, so `mta --help` never imports a benchmark), starts the server under test and
+stamps the record. `storage` is a calculator, not a benchmark: its figures are computed.
 """
 
 from __future__ import annotations

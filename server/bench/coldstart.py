@@ -35,25 +35,19 @@ from typing import Any
 
 import numpy as np
 
-from server.bench import common
+from server.bench import common, harness
 
 PROMPT = "Recommend one movie for tonight and say why in one sentence."
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mta bench coldstart", description="first request of a new user minus warm latency"
-    )
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--users", type=int, default=16, help="new users measured (one at a time)")
     p.add_argument("--warm-repeats", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--rank", type=int, default=8, help="meta-LoRA rank of the bench bank")
-    p.add_argument("--model", type=Path, help="model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--url", help="measure an already running server on 127.0.0.1 instead (its bank and settings)")
-    p.add_argument("--quick", action="store_true", help="smallest run: 2 users, 2 warm repeats, 4 tokens")
     p.add_argument("--max-seconds", type=float, default=300.0, help="stop taking new users after this long")
-    p.add_argument("--workdir", type=Path, help="keep the bank and server log here")
+    harness.server_options(p)  # a --url server is measured with its own bank and settings
     sim = p.add_argument_group("cache simulation")
     sim.add_argument("--no-simulate", dest="simulate", action="store_false", help="skip the cache simulation")
     sim.add_argument("--simulate-only", action="store_true", help="only the simulation (no server; ratio = null)")
@@ -70,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--sim-cache", type=common.int_list, default=[8, 32, 128, 256, 512, 2048, 8192, 32768])
     sim.add_argument("--sim-batch", type=common.int_list, default=[8, 32, 64, 256], help="concurrent requests")
-    return p
+
+
+def quick(opts: argparse.Namespace) -> None:
+    opts.users, opts.warm_repeats, opts.max_tokens, opts.sim_users = 2, 2, 4, 20_000
 
 
 async def measure(url: str, opts: argparse.Namespace) -> dict[str, Any]:
@@ -137,43 +134,20 @@ async def measure(url: str, opts: argparse.Namespace) -> dict[str, Any]:
     return {"users": records}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    opts = common.parse_options(build_parser(), args)
-    common.quiet_http_logs()
-    if opts.quick:
-        opts.users, opts.warm_repeats, opts.max_tokens, opts.sim_users = 2, 2, 4, 20_000
-    server_info: dict[str, Any] = {}
+def run_users(opts: argparse.Namespace) -> dict[str, Any]:
     embeddings = np.load(opts.sim_embeddings) if opts.sim_embeddings else None
-    if opts.simulate_only:
+    if opts.simulate_only:  # a calculator: nothing is timed
         if embeddings is None:
             embeddings = common.user_embeddings(common.lamp_users())
-        simulation = simulate_cache(embeddings, opts)
-        print(format_simulation(simulation))
-        return common.json_safe(
-            {
-                "benchmark": "coldstart",
-                "ratio": None,
-                "simulation": simulation,
-                "machine": common.machine(),
-                "command": common.command_line("coldstart", args),
-            }
-        )
-    if opts.url:
-        data = asyncio.run(measure(common.check_loopback(opts.url), opts))
-        model_name = "(running server)"
-    else:
-        model_dir = opts.model or common.default_model_dir()
-        model_name = model_dir.name
-        users = common.lamp_users()
-        with common.workdir(opts.workdir, prefix="mta-bench-coldstart-") as work:
-            bank = common.write_user_bank(work / "bank", model_dir, users, rank=opts.rank)
-            if embeddings is None:
-                embeddings = np.load(bank / "anchor_embeddings.npy")  # the LaMP-2M users' own embeddings
-            env = common.server_env(work, model_dir, bank, MTA_DTYPE=opts.dtype, MTA_WEIGHT_ROUND_STEP="0")
-            print("[coldstart] starting the server", flush=True)
-            with common.BenchServer(work, env, name="serve-coldstart") as server:
-                data = asyncio.run(measure(server.url, opts))
-                server_info["start_seconds"] = server.start_seconds
+        return {"kind": "calculator", "ratio": None, "simulation": simulate_cache(embeddings, opts)}
+
+    def bank(work: Path, model_dir: Path) -> Path:
+        return common.write_user_bank(work / "bank", model_dir, common.lamp_users(), rank=opts.rank)
+
+    with harness.server_under_test(opts, "coldstart", bank, MTA_DTYPE=opts.dtype, MTA_WEIGHT_ROUND_STEP="0") as target:
+        if embeddings is None and not opts.url:
+            embeddings = np.load(Path(target.info["bank"]) / "anchor_embeddings.npy")  # the LaMP-2M users' own
+        data = asyncio.run(measure(target.url, opts))
     recs = data["users"]
     simulation = simulate_cache(embeddings, opts) if opts.simulate and embeddings is not None else None
     overhead = [r["overhead_seconds"] for r in recs]
@@ -182,7 +156,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fusion = [r["fusion_seconds"] for r in recs]
     rest = [r["overhead_seconds"] - r["fusion_seconds"] for r in recs]
     result = {
-        "benchmark": "coldstart",
         "ratio": common.ratio(common.median(cold), common.median(warm)),
         "ratio_definition": "median first-request latency / median warm latency of the same request (1.0 = no cold start)",
         "overhead_ms_median": common.median(overhead) * 1e3,
@@ -195,26 +168,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "put_profile_ms_median": common.median([r["put_profile_seconds"] for r in recs]) * 1e3,
         "all_first_requests_missed_cache": all(r["cache_hit_first"] is False for r in recs),
         "setup": {
-            "model": model_name,
+            "model": target.model,
             "dtype": opts.dtype,
             "users": len(recs),
             "warm_repeats": opts.warm_repeats,
             "max_tokens": opts.max_tokens,
             "adapter_rank": recs[0]["rank"] if recs else None,
             "bank": f"random, anchors = LaMP-2M users, rank {opts.rank} all linear, top-2 linear, rounding off",
-            "server": server_info,
+            "server": target.info,
         },
         "users": recs,
         "simulation": simulation,
-        "machine": common.machine(),
-        "command": common.command_line("coldstart", args),
     }
     if simulation:
         result["expected_overhead_ms_per_request"] = expected_overhead(result, simulation)
-    print(format_table(result))
-    if simulation:
-        print(format_simulation(simulation))
-    return common.json_safe(result)
+    return result
+
+
+def report(result: dict[str, Any]) -> str:
+    parts = [format_table(result)] if "users" in result else []
+    if result.get("simulation"):
+        parts.append(format_simulation(result["simulation"]))
+    return "\n".join(parts)
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -467,3 +442,6 @@ def format_simulation(sim: dict[str, Any]) -> str:
     if checks:
         head += f"\nChe vs an exact LRU run: {checks}"
     return f"{head}\n{common.table(headers, rows)}"
+
+
+SCENARIO = harness.Scenario("coldstart", "first request of a new user minus warm latency", options, run_users, report, quick)

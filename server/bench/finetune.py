@@ -24,11 +24,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from server.bench import common
+from server.bench import common, harness
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mta bench finetune", description="stacked fine-tune wall time and /generate wait")
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--examples", type=int, default=10)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--epochs", type=int, default=1)
@@ -42,12 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-tokens", type=int, default=10)
     p.add_argument("--timeout", type=float, default=900.0, help="give up waiting for a job after this long")
     p.add_argument("--bank-rank", type=int, default=8, help="meta-LoRA rank of the bench bank")
-    p.add_argument("--model", type=Path, help="model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--url", help="measure an already running server on 127.0.0.1 instead")
-    p.add_argument("--quick", action="store_true", help="smallest run: 1 job, 3 probes, 4 tokens")
-    p.add_argument("--workdir", type=Path, help="keep the bank and server log here")
-    return p
+    harness.server_options(p)
+
+
+def quick(opts: argparse.Namespace) -> None:
+    opts.jobs, opts.probes, opts.probe_tokens = 1, 3, 4
 
 
 def lamp_examples(user: dict[str, Any], count: int) -> list[dict[str, str]]:
@@ -154,30 +153,16 @@ async def one_job(
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    opts = common.parse_options(build_parser(), args)
-    common.quiet_http_logs()
-    if opts.quick:
-        opts.jobs, opts.probes, opts.probe_tokens = 1, 3, 4
-    server_info: dict[str, Any] = {}
-    if opts.url:
-        data = asyncio.run(measure(common.check_loopback(opts.url), opts))
-        model_name = "(running server)"
-    else:
-        model_dir = opts.model or common.default_model_dir()
-        model_name = model_dir.name
-        with common.workdir(opts.workdir, prefix="mta-bench-finetune-") as work:
-            bank = common.write_user_bank(work / "bank", model_dir, common.lamp_users(), rank=opts.bank_rank)
-            env = common.server_env(work, model_dir, bank, MTA_DTYPE=opts.dtype)
-            print("[finetune] starting the server", flush=True)
-            with common.BenchServer(work, env, name="serve-finetune") as server:
-                data = asyncio.run(measure(server.url, opts))
-                server_info["start_seconds"] = server.start_seconds
+def run_jobs(opts: argparse.Namespace) -> dict[str, Any]:
+    def bank(work: Path, model_dir: Path) -> Path:
+        return common.write_user_bank(work / "bank", model_dir, common.lamp_users(), rank=opts.bank_rank)
+
+    with harness.server_under_test(opts, "finetune", bank, MTA_DTYPE=opts.dtype) as target:
+        data = asyncio.run(measure(target.url, opts))
     jobs = data["jobs"]
     during = [s for j in jobs for s in j["probe_seconds"]]
     idle = data["idle_probe_seconds"]
-    result = {
-        "benchmark": "finetune",
+    return {
         "ratio": common.ratio(common.median(during), common.median(idle)),
         "ratio_definition": "median /generate latency while a fine-tune runs / without (1.0 = no interference)",
         "job_wall_seconds": [j["wall_seconds"] for j in jobs],
@@ -189,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "during_finetune": {k: v * 1e3 for k, v in common.summarize(during).items() if k != "n"},
         },
         "setup": {
-            "model": model_name,
+            "model": target.model,
             "dtype": opts.dtype,
             "examples": opts.examples,
             "rank": opts.rank,
@@ -197,15 +182,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "jobs": opts.jobs,
             "probe_tokens": opts.probe_tokens,
             "runner": "in-process (the API process trains; the engine core is a separate process)",
-            "server": server_info,
+            "server": target.info,
         },
         "jobs": jobs,
         "idle_probe_seconds": idle,
-        "machine": common.machine(),
-        "command": common.command_line("finetune", args),
     }
-    print(format_table(result))
-    return common.json_safe(result)
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -225,3 +206,6 @@ def format_table(result: dict[str, Any]) -> str:
         [(k, v["median"], v["p95"], v["max"]) for k, v in g.items()],
     )
     return f"finetune: {result['setup']['model']}, {result['setup']['examples']} examples, rank {result['setup']['rank']}\n{table}\n{lat}\nratio (during / idle median): {result['ratio']:.2f}"
+
+
+SCENARIO = harness.Scenario("finetune", "stacked fine-tune wall time and /generate wait", options, run_jobs, format_table, quick)

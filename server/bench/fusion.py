@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from server.adapters.targets import ModelTargets
-from server.bench import common
+from server.bench import common, harness
 
 DESCRIPTION = "build + materialize one user's adapter: ours vs PEFT add_weighted_adapter + save_pretrained"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mta bench fusion", description=DESCRIPTION)
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="model directory for shapes and PEFT (default: SmolLM2-135M-Instruct)")
     p.add_argument("--anchors", type=int, default=16, help="anchors in the bank")
     p.add_argument("--rank", type=int, default=8, help="meta-LoRA rank (all linear modules)")
@@ -59,16 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="bfloat16",
         help="dtype ours writes (the server writes its model dtype, MTA_DTYPE); PEFT writes its model's, float32",
     )
-    return p
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run_cells(opts: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # PEFT's save_pretrained would look the base model up online
     import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    opts = common.parse_options(build_parser(), args)
     model_dir = opts.model or common.default_model_dir()
     default_threads = torch.get_num_threads()
     with common.workdir(prefix="mta-bench-fusion-") as work:
@@ -119,8 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(setup.out, ignore_errors=True)
     headline = [c for c in cells if c["threads_setting"] == opts.threads[0]]
     ratios = [c["ratio"] for c in headline]
-    result = {
-        "benchmark": "fusion",
+    return {
         "ratio": min(ratios),
         "ratio_definition": "PEFT median / ours median, smallest over configurations at threads=" + opts.threads[0],
         "ratio_geomean": math.exp(sum(math.log(r) for r in ratios) / len(ratios)),
@@ -142,11 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "cells": cells,
         "checks": checks,
-        "machine": common.machine(),
-        "command": common.command_line("fusion", args),
     }
-    print(format_table(result))
-    return common.json_safe(result)
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -331,3 +323,6 @@ class _Setup:
             for m in expected.modules
         )
         return {"linear_flat_equals_per_module": equal}
+
+
+SCENARIO = harness.Scenario("fusion", DESCRIPTION, options, run_cells, format_table)

@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from server.bench import harness
+
 MODES = ("stock", "ours")
 PROGRESS = "[lora-ops]"
 WORKLOADS = ("prefill", "decode")
@@ -43,8 +45,7 @@ DECODE_PROMPT = "Write a short story about {topic}."
 DECODE_TOPICS = ("a robot", "the sea", "a lost key", "a dragon", "winter", "a train", "a garden", "the moon")
 
 
-def parse_options(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mta bench lora-ops", description=__doc__.split("\n")[0])
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=32, help="prompts per cell (and distinct adapters)")
     p.add_argument("--prefill-tokens", type=int, default=10, help="output tokens, prefill-heavy")
     p.add_argument("--decode-tokens", type=int, default=64, help="output tokens, decode-heavy")
@@ -54,14 +55,12 @@ def parse_options(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of stock,ours")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of prefill,decode")
     p.add_argument("--workdir", type=Path, default=None, help="adapters and job files (default: a temp dir)")
-    return p.parse_args(argv)
 
 
 # --- parent: prepare, run both sides, report ------------------------------------------
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    opts = parse_options([o for o in (args.options or []) if o != "--"])
+def run_cells(opts: argparse.Namespace) -> dict[str, Any]:
     modes = [m for m in MODES if m in opts.modes.split(",")]
     workloads = [w for w in WORKLOADS if w in opts.workloads.split(",")]
     if not modes or not workloads:
@@ -75,9 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(opts.repeats):
             for mode in modes:
                 runs[mode].append(run_worker(job_path, mode, workdir))
-    result = summarize(job, runs)
-    print(format_table(result))
-    return result
+    return summarize(job, runs)
 
 
 def prepare_job(opts: argparse.Namespace, workdir: Path, workloads: list[str]) -> dict[str, Any]:
@@ -207,7 +204,6 @@ def summarize(job: dict[str, Any], runs: dict[str, list[dict]]) -> dict[str, Any
     cpu_ratios = {f"{w}_{m}": cells[w]["distinct"][m]["vs_base_cpu"] for w in job["workloads"] for m in runs}
     n = len(job["adapters"])
     return {
-        "benchmark": "lora-ops",
         "ratio": ratios.get("prefill_ours"),  # None when prefill or ours was not run
         "ratios": ratios,
         "cpu_ratios": cpu_ratios,  # the same from the model worker's CPU time (robust on a shared machine)
@@ -341,6 +337,9 @@ def worker(job_path: Path, mode: str, out: Path) -> None:
             print(f"{PROGRESS} {mode}: {workload} {cell}: {wall:.2f} s ({cpu:.2f} CPU s)", flush=True)
     result = {"mode": mode, "seconds": seconds, "cpu_seconds": cpu_seconds, "start_seconds": start_seconds}
     out.write_text(json.dumps(result))
+
+
+SCENARIO = harness.Scenario("lora-ops", __doc__.split("\n")[0], options, run_cells, format_table)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,28 +20,25 @@ import argparse
 import re
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from server.bench import common
-from server.defaults import DEMO_BANK
+from server.bench import common, harness
 
 PROMPT = "Which tag fits a movie about a heist that goes wrong?"
 _TIMING = re.compile(r"(?:^|,)\s*mta;dur=([0-9.]+)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mta bench overhead", description="server-side time from request to engine submit")
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--items", type=common.int_list, default=[10, 512], help="profile sizes (comma-separated)")
     p.add_argument("--repeats", type=int, default=50, help="requests per warm cell")
     p.add_argument("--new-users", type=int, default=5, help="new users per profile size (their first request)")
-    p.add_argument("--model", help="model directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--url", help="measure an already running server on 127.0.0.1 instead (its profile limit must allow --items)")
-    p.add_argument("--quick", action="store_true", help="smallest run: profiles of 2 and 16 items, 5 repeats, 1 new user")
-    p.add_argument("--workdir", help="keep the server log here")
-    return p
+    harness.server_options(p)  # a --url server's profile limit must allow --items
+
+
+def quick(opts: argparse.Namespace) -> None:
+    opts.items, opts.repeats, opts.new_users = [2, 16], 5, 1
 
 
 def profile(n: int, users: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -97,41 +94,31 @@ def measure(url: str, opts: argparse.Namespace) -> list[dict[str, Any]]:
     return cells
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    opts = common.parse_options(build_parser(), args)
-    common.quiet_http_logs()
-    if opts.quick:
-        opts.items, opts.repeats, opts.new_users = [2, 16], 5, 1
-    server_info: dict[str, Any] = {}
-    if opts.url:
-        cells = measure(common.check_loopback(opts.url), opts)
-        model_name = "(running server)"
-    else:
-        model_dir = Path(opts.model) if opts.model else common.default_model_dir()
-        model_name = model_dir.name
-        with common.workdir(Path(opts.workdir) if opts.workdir else None, prefix="mta-bench-overhead-") as work:
-            env = common.server_env(work, model_dir, DEMO_BANK, MTA_MAX_PROFILE_ITEMS=str(max(opts.items)))
-            print("[overhead] starting the server", flush=True)
-            with common.BenchServer(work, env, name="serve-overhead") as server:
-                cells = measure(server.url, opts)
-                server_info["start_seconds"] = server.start_seconds
+def run_cells(opts: argparse.Namespace) -> dict[str, Any]:
+    with harness.server_under_test(opts, "overhead", MTA_MAX_PROFILE_ITEMS=str(max(opts.items))) as target:
+        cells = measure(target.url, opts)
     warm = {c["cell"]: c for c in cells if c["cell"].startswith("warm-")}
     small, large = warm[f"warm-{min(opts.items)}"], warm[f"warm-{max(opts.items)}"]
-    result = {
-        "benchmark": "overhead",
+    return {
         "ratio": common.ratio(large["server_ms_median"], small["server_ms_median"]),
         "ratio_definition": f"median server-side overhead of a warm user with {max(opts.items)} vs {min(opts.items)} history items (1.0 = independent of profile size)",
         "goal": {"warm_server_ms_median": 1.0},
         "cells": cells,
-        "setup": {"model": model_name, "items": opts.items, "repeats": opts.repeats, "new_users": opts.new_users, "server": server_info},
-        "machine": common.machine(),
-        "command": common.command_line("overhead", args),
+        "setup": {"model": target.model, "items": opts.items, "repeats": opts.repeats, "new_users": opts.new_users, "server": target.info},
     }
+
+
+def report(result: dict[str, Any]) -> str:
+    items = result["setup"]["items"]
     rows = [
         (c["cell"], c["requests"], f"{c['server_ms_median']:.3f}", f"{c['server_ms_p90']:.3f}", f"{c['round_trip_ms_median']:.1f}", c["cache_hits"])
-        for c in cells
+        for c in result["cells"]
     ]
-    print(f"overhead: {model_name}, one request at a time (server-side: Server-Timing)")
-    print(common.table(["cell", "requests", "server ms (median)", "server ms (p90)", "round trip ms", "cache hits"], rows))
-    print(f"ratio (warm {max(opts.items)} items / warm {min(opts.items)} items): {result['ratio']:.2f}")
-    return common.json_safe(result)
+    return "\n".join([
+        f"overhead: {result['setup']['model']}, one request at a time (server-side: Server-Timing)",
+        common.table(["cell", "requests", "server ms (median)", "server ms (p90)", "round trip ms", "cache hits"], rows),
+        f"ratio (warm {max(items)} items / warm {min(items)} items): {result['ratio']:.2f}",
+    ])  # fmt: skip
+
+
+SCENARIO = harness.Scenario("overhead", "server-side time from request to engine submit", options, run_cells, report, quick)

@@ -29,10 +29,12 @@ import asyncio
 import math
 import time
 import uuid
+
+import httpx
 from pathlib import Path
 from typing import Any
 
-from server.bench import common
+from server.bench import common, harness
 
 CONDITIONS = ("personalized", "shared", "base")
 WORKLOADS = ("prefill", "decode")
@@ -40,10 +42,7 @@ DECODE_PROMPT = "Write a long story about {topic}."
 DECODE_TOPICS = ("a robot", "the sea", "a lost key", "a dragon", "winter", "a train", "a garden", "the moon")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mta bench serving", description="concurrent users: personalized vs shared vs base"
-    )
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=common.int_list, default=[1, 8, 32], help="concurrent users, e.g. 1,8,32 (64 optional)")
     p.add_argument("--workloads", type=common.str_list, default=list(WORKLOADS))
     p.add_argument("--conditions", type=common.str_list, default=list(CONDITIONS))
@@ -67,21 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-chars", type=int, default=None, help="cut LaMP prompts to this many characters")
     p.add_argument("--rank", type=int, default=8, help="meta-LoRA rank of the bench bank")
     p.add_argument("--max-lora-rank", type=int, default=16)
-    p.add_argument("--max-loras", type=int, default=None, help="engine max_loras (default: the largest N)")
-    p.add_argument("--model", type=Path, help="model directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--max-loras", type=int, default=None, help="MTA_MAX_LORAS (default: the server's, sized from its memory budget)")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--url", help="benchmark an already running server on 127.0.0.1 instead (its ops, its bank)")
-    p.add_argument("--quick", action="store_true", help="smallest run (N 1,2; one round; fast ops; short outputs)")
-    p.add_argument("--workdir", type=Path, help="keep the bank and server logs here")
-    return p
+    harness.server_options(p)  # a --url server is measured with its own ops and bank
 
 
-def apply_quick(opts: argparse.Namespace) -> None:
-    if opts.quick:
-        opts.n, opts.rounds, opts.min_requests, opts.ops = [1, 2], 1, 1, ["fast"]
-        opts.decode_tokens, opts.prefill_tokens = 8, 4
-        opts.prompt_chars = opts.prompt_chars or 300
-        opts.cell_seconds = min(opts.cell_seconds, 30)
+def quick(opts: argparse.Namespace) -> None:
+    opts.n, opts.rounds, opts.min_requests, opts.ops = [1, 2], 1, 1, ["fast"]
+    opts.decode_tokens, opts.prefill_tokens = 8, 4
+    opts.prompt_chars = opts.prompt_chars or 300
+    opts.cell_seconds = min(opts.cell_seconds, 30)
 
 
 # --- prompts and users ------------------------------------------------------------------
@@ -271,49 +265,39 @@ async def load_test(url: str, opts: argparse.Namespace, ops: str, users: list[di
 # --- run --------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    opts = common.parse_options(build_parser(), args)
-    apply_quick(opts)
-    common.quiet_http_logs()
+def run_load(opts: argparse.Namespace) -> dict[str, Any]:
     users = common.lamp_users()
     runs: dict[str, dict[str, Any]] = {}
     servers: dict[str, Any] = {}
     if opts.url:
-        url = common.check_loopback(opts.url)
-        runs["as-configured"] = asyncio.run(load_test(url, opts, "fast", users))
-        model_name = "(running server)"
-    else:
-        model_dir = opts.model or common.default_model_dir()
-        model_name = model_dir.name
-        max_n = max(opts.n + (opts.stock_n if "stock" in opts.ops else []))
-        with common.workdir(opts.workdir, prefix="mta-bench-serving-") as work:
-            print(f"[serving] writing a bench bank ({len(users)} anchors = the LaMP-2M users)", flush=True)
-            bank = common.write_user_bank(work / "bank", model_dir, users, rank=opts.rank)
-            for ops in opts.ops:
-                env = common.server_env(
-                    work / ops,
-                    model_dir,
-                    bank,
-                    MTA_DTYPE=opts.dtype,
-                    MTA_FAST_CPU_LORA_OPS="1" if ops == "fast" else "0",
-                    MTA_LORA_OPS_STATS_DIR=str(work / ops / "lora-ops-stats"),
-                    MTA_WEIGHT_ROUND_STEP="0",
-                    MTA_MAX_LORAS=str(opts.max_loras or max_n),
-                    MTA_MAX_LORA_RANK=str(opts.max_lora_rank),
-                    MTA_MAX_NUM_SEQS=str(max(64, max_n)),
-                    MTA_ADAPTER_CACHE_SIZE=str(max(256, 4 * max_n)),
-                )
-                (work / ops).mkdir(parents=True, exist_ok=True)
-                print(f"[serving] starting the server, {ops} CPU LoRA ops", flush=True)
-                with common.BenchServer(work / ops, env, name=f"serve-{ops}") as server:
-                    runs[ops] = asyncio.run(load_test(server.url, opts, ops, users))
-                    runs[ops]["server_start_seconds"] = server.start_seconds
-                runs[ops]["fast_op_calls"] = read_op_calls(work / ops / "lora-ops-stats")
-                servers[ops] = {"max_loras": int(env["MTA_MAX_LORAS"]), "max_lora_rank": opts.max_lora_rank}
-    result = summarize(opts, runs, model_name, servers)
-    result["command"] = common.command_line("serving", args)
-    print(format_table(result))
-    return common.json_safe(result)
+        with harness.server_under_test(opts, "serving") as target:
+            runs["as-configured"] = asyncio.run(load_test(target.url, opts, "fast", users))
+        return summarize(opts, runs, target.model, servers)
+    model_dir = opts.model or common.default_model_dir()
+    max_n = max(opts.n + (opts.stock_n if "stock" in opts.ops else []))
+    with common.workdir(opts.workdir, prefix="mta-bench-serving-") as work:
+        print(f"[serving] writing a bench bank ({len(users)} anchors = the LaMP-2M users)", flush=True)
+        bank = common.write_user_bank(work / "bank", model_dir, users, rank=opts.rank)
+        for ops in opts.ops:
+            env = {
+                "MTA_DTYPE": opts.dtype,
+                "MTA_FAST_CPU_LORA_OPS": "1" if ops == "fast" else "0",
+                "MTA_LORA_OPS_STATS_DIR": str(work / ops / "lora-ops-stats"),
+                "MTA_WEIGHT_ROUND_STEP": "0",
+                "MTA_MAX_LORA_RANK": str(opts.max_lora_rank),
+                "MTA_MAX_NUM_SEQS": str(max(64, max_n)),
+                "MTA_ADAPTER_CACHE_SIZE": str(max(256, 4 * max_n)),
+            }
+            if opts.max_loras:  # else the server's default: slots sized from its memory budget
+                env["MTA_MAX_LORAS"] = str(opts.max_loras)
+            one = argparse.Namespace(**{**vars(opts), "model": model_dir, "workdir": work / ops})
+            with harness.server_under_test(one, f"serving-{ops}", lambda *_: bank, **env) as target:
+                with httpx.Client(base_url=target.url) as c:
+                    servers[ops] = {**c.get("/readyz").json()["lora_slots"], "max_lora_rank": opts.max_lora_rank}
+                runs[ops] = asyncio.run(load_test(target.url, opts, ops, users))
+                runs[ops]["server_start_seconds"] = target.info["start_seconds"]
+            runs[ops]["fast_op_calls"] = read_op_calls(work / ops / "lora-ops-stats")
+    return summarize(opts, runs, model_dir.name, servers)
 
 
 def read_op_calls(stats_dir: Path) -> int:
@@ -358,7 +342,6 @@ def summarize(
             )
     headline = f"prefill_n{n_ref}_personalized_over_base"
     return {
-        "benchmark": "serving",
         "ratio": ratios.get(headline, math.nan),
         "ratio_definition": f"personalized / base output tokens per s, N={n_ref}, prefill-heavy, {main_ops} CPU LoRA ops",
         "goals": {"personalized_over_base": 0.8, "personalized_over_shared": 0.9},
@@ -376,7 +359,6 @@ def summarize(
             "note": "output lengths are the model's (no ignore_eos in the API): compare mean_output_tokens across cells",
         },
         "runs": runs,
-        "machine": common.machine(),
     }
 
 
@@ -404,3 +386,6 @@ def format_table(result: dict[str, Any]) -> str:
     keys = [k for k in result["ratios"] if "requests" not in k]
     ratios = "\n".join(f"  {k}: {result['ratios'][k]:.2f}" for k in keys)
     return f"{head}\n{table}\nratios (output tokens per s):\n{ratios}\nratio: {result['ratio']:.2f} ({result['ratio_definition']})"
+
+
+SCENARIO = harness.Scenario("serving", "concurrent users: personalized vs shared vs base", options, run_load, format_table, quick)

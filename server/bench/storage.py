@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from server.bench import common
+from server.bench import common, harness
 
 ALL_LINEAR = None  # every linear layer of the model's decoder layers (ModelTargets.select)
 OPPU_TARGETS = ("q_proj", "v_proj")
@@ -42,8 +42,7 @@ LLAMA3_8B_CONFIG: dict[str, Any] = {
 DTYPE_BYTES = {"F32": 4, "BF16": 2}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mta bench storage", description="bytes per user: ours vs one OPPU LoRA per user")
+def options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="measured model directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--stacked-rank", type=int, default=4)
     p.add_argument(
@@ -57,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-dim", type=int, default=384, help="user embedding size (all-MiniLM-L6-v2: 384)")
     p.add_argument("--anchors", type=int, default=50, help="anchors in a bank (paper: 50), for the amortized bank cost")
     p.add_argument("--users", type=int, default=1_000_000, help="users, for totals and the amortized bank cost")
-    return p
 
 
 def lora_shapes(config: dict[str, Any], rank: int, targets: tuple[str, ...] | None) -> dict[str, tuple[int, ...]]:
@@ -184,8 +182,7 @@ def per_model(
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    opts = common.parse_options(build_parser(), args)
+def sizes(opts: argparse.Namespace) -> dict[str, Any]:
     model_dir = opts.model or common.default_model_dir()
     profile = profile_bytes()
     models = [
@@ -200,8 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         for m in models
     }
-    result = {
-        "benchmark": "storage",
+    return {
         "ratio": models[0]["ratios"]["oppu_over_ours_fused_only"],
         "ratio_definition": f"OPPU rank-{opts.oppu_rank} q,v LoRA fp32 bytes / ours (profile + embedding), {models[0]['model']}",
         "ratios": {m["model"]: m["ratios"] for m in models},
@@ -219,11 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "profile_bytes": profile,
         "models": models,
         "totals": totals,
-        "machine": common.machine(),
-        "command": common.command_line("storage", args),
     }
-    print(format_table(result))
-    return common.json_safe(result)
 
 
 def _size(n: float) -> str:
@@ -261,3 +253,8 @@ def format_table(result: dict[str, Any]) -> str:
         rows,
     )
     return f"storage per user\n{table}\nratio (OPPU / ours, {result['models'][0]['model']}, no stacked LoRA): {result['ratio']:.0f}x"
+
+
+SCENARIO = harness.Scenario(
+    "storage", "bytes per user: ours vs one OPPU LoRA per user", options, sizes, format_table, kind="calculator"
+)
