@@ -26,6 +26,10 @@ from server.prompts import (
 )
 from server.settings import Settings
 
+# Prompts up to this many characters (request text + the longest history item) are built on the
+# event loop: about 1 us per character to tokenize, less than a worker thread's hop below it.
+INLINE_PROMPT_CHARS = 2000
+
 
 @dataclass(frozen=True)
 class GenerationInput:
@@ -95,12 +99,20 @@ class Generator:
         self._tokenizer_lock = threading.Lock()
 
     async def prompt_ids(self, inp: GenerationInput, ctx: UserContext, max_tokens: int) -> list[int]:
-        """`_prompt_ids` off the event loop: BM25 scoring and tokenizing a long prompt are CPU work."""
+        """`_prompt_ids`, off the event loop when it may be long: tokenizing a long prompt or cutting a
+        long history item is CPU work; a short one costs less than the hop to a worker thread."""
 
         def locked() -> list[int]:
             with self._tokenizer_lock:
                 return self._prompt_ids(inp, ctx, max_tokens)
 
+        chars = len(inp.prompt or "") + sum(len(m.get("content") or "") for m in inp.messages or [])
+        longest_item = ctx.history_index.longest if ctx.history_index is not None else sum(map(len, ctx.history))
+        if chars + longest_item <= INLINE_PROMPT_CHARS and self._tokenizer_lock.acquire(blocking=False):
+            try:  # never wait for the lock on the event loop: a thread may be building a long prompt
+                return self._prompt_ids(inp, ctx, max_tokens)
+            finally:
+                self._tokenizer_lock.release()
         return await asyncio.to_thread(locked)
 
     def _prompt_ids(self, inp: GenerationInput, ctx: UserContext, max_tokens: int) -> list[int]:
@@ -129,7 +141,9 @@ class Generator:
 
         if index is None or not index.history or query is None:
             return build(None)
-        item = truncate_tokens(self.tokenizer, index.top1(query), self.settings.max_history_tokens)
+        top = index.top1_index(query)
+        assert top is not None  # the index has history
+        item = index.cut(top, self.tokenizer, self.settings.max_history_tokens)
         ids = build(item or None)
         room = self.settings.max_model_len - max_tokens
         while len(ids) > room and item:  # the item shrinks strictly each round

@@ -48,6 +48,8 @@ class ProfileIndex:
 
     def __init__(self, history: Sequence[str]) -> None:
         self.history = list(history)
+        self.longest = max(map(len, self.history), default=0)  # characters of the longest item
+        self._cut: dict[tuple[int, int], str] = {}
         self._bm25 = BM25Okapi([_tokens(h) or [""] for h in self.history]) if len(self.history) > 1 else None
         self._postings: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if self._bm25 is not None:
@@ -72,11 +74,25 @@ class ProfileIndex:
             score[rows] += (bm25.idf.get(term) or 0) * (freq * (bm25.k1 + 1) / (freq + bm25.k1 * self._length_norm[rows]))
         return score
 
+    def top1_index(self, query: str) -> int | None:
+        """Which history item is most relevant to the query by BM25 (first one on ties), or None."""
+        if self._bm25 is None:
+            return 0 if self.history else None
+        return int(self.scores(query).argmax())
+
     def top1(self, query: str) -> str | None:
         """The history text most relevant to the query by BM25 (first one on ties), or None."""
-        if self._bm25 is None:
-            return self.history[0] if self.history else None
-        return self.history[int(self.scores(query).argmax())]
+        i = self.top1_index(query)
+        return None if i is None else self.history[i]
+
+    def cut(self, i: int, tokenizer: Any, max_tokens: int) -> str:
+        """`truncate_tokens` of item i, remembered: a returning user's requests retrieve the same
+        few items, and tokenizing one costs more than the rest of a warm request's server-side
+        work. One index serves one tokenizer (the server's)."""
+        key = (i, max_tokens)
+        if (text := self._cut.get(key)) is None:
+            text = self._cut[key] = truncate_tokens(tokenizer, self.history[i], max_tokens)
+        return text
 
 
 def retrieve_top1(history: Sequence[str], query: str) -> str | None:

@@ -314,3 +314,30 @@ def test_profile_index_scores_are_bm25okapis(history, query):
     expected = index._bm25.get_scores(_tokens(query))
     assert np.array_equal(index.scores(query), expected)
     assert index.top1(query) == history[int(expected.argmax())]
+
+
+def test_a_profile_items_cut_is_truncate_tokens_remembered(tiny_model_dir):
+    """Serving cuts the retrieved item through the index: the same text as `truncate_tokens`, and
+    the tokenizer runs once per (item, budget), not once per request."""
+    from transformers import AutoTokenizer
+
+    from server.prompts import ProfileIndex, truncate_tokens
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return tok(*args, **kwargs)
+
+    history = ["space robot heist " * 40, "a castle of love", "rome war bank " * 10]
+    index = ProfileIndex(history)
+    for i, text in enumerate(history):
+        for budget in (0, 3, 17, 1000):
+            assert index.cut(i, counting, budget) == truncate_tokens(tok, text, budget)
+    first = len(calls)
+    for i in range(len(history)):
+        for budget in (0, 3, 17, 1000):
+            index.cut(i, counting, budget)
+    assert len(calls) == first  # remembered
+    assert index.longest == len(history[0])
