@@ -292,6 +292,16 @@ def test_two_folds_evaluate_every_user_once_with_both_banks(tmp_path, lamp_file,
     )  # fmt: skip
     folds, built = make_folds(cfg, load_users(lamp_file, TASKS["movie_tagging"]))
     assert not built and folds[1].bank == bank2 and (bank2 / "manifest.json").stat().st_mtime_ns == before
+    # ...but not one whose fusion defaults an earlier rule chose (they are chosen again, from the cached LoRAs)
+    from server.evaluation.folds import FOLD2_DATA, _is_current
+
+    args = (bank2, fold2_build_config(built_bank), out / "work" / FOLD2_DATA, tiny_model_dir.name)
+    assert _is_current(*args)
+    manifest = read_manifest_json(bank2)
+    chosen = {"mode": "linear", "top_k": 1, "residual_scale": 1.0}
+    manifest["extra"]["fusion_selection"] = {**manifest["extra"]["fusion_selection"], "chosen": chosen}
+    (bank2 / "manifest.json").write_text(json.dumps(manifest))
+    assert not _is_current(*args)
 
 
 def test_two_folds_need_a_bank_that_records_its_build_settings(tiny_bank):

@@ -543,9 +543,11 @@ def _manifest(
         "refit": config.refit,
     }
     data_info = {"file": data.name, "sha256": sha256_file(data), "users": len(users)}
+    # the served defaults too: a rule that chooses them differently serves another bank
     version = _digest(
-        {"data": data_info["sha256"], "settings": settings, "model": model_id, "emb": config.embedding_model}
-    )
+        {"data": data_info["sha256"], "settings": settings, "model": model_id, "emb": config.embedding_model,
+         "served": fusion.model_dump()}
+    )  # fmt: skip
     targets = sorted(train.target_modules)
     shared = None
     if config.init == "task":

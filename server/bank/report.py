@@ -347,6 +347,7 @@ def format_bank(info: Mapping[str, Any]) -> str:
     if chosen:
         pairs += [
             ("criterion", _str(selection.get("criterion"))),
+            ("rule", _str(selection.get("rule") or "lowest mean (before the noise rule was recorded)")),
             ("users", _str(selection.get("users"))),
             ("max fused rank", _str(selection.get("max_fused_rank"))),
         ]
@@ -354,7 +355,8 @@ def format_bank(info: Mapping[str, Any]) -> str:
     grid = [_dict(r) for r in _list(selection.get("grid"))]
     if grid:
         max_rank = selection.get("max_fused_rank")
-        rows = [["mode", "top_k", "residual_scale", "validation_loss", "served_rank", ""]]
+        paired = any("vs_shared" in r for r in grid)
+        rows = [["mode", "top_k", "residual_scale", "validation_loss", "served_rank", *(["vs shared alone [95%]"] if paired else []), ""]]
         for r in grid:
             mark = ""
             if chosen and all(r.get(k) == chosen.get(k) for k in ("mode", "top_k", "residual_scale")):
@@ -369,11 +371,20 @@ def format_bank(info: Mapping[str, Any]) -> str:
                     f"{r['residual_scale']:.2f}" if _is_num(r.get("residual_scale")) else _str(r.get("residual_scale")),
                     f"{loss:.4f}" if _is_num(loss) else _str(loss),
                     _str(r.get("served_rank")),
+                    *([_interval(r.get("vs_shared"))] if paired else []),
                     mark,
                 ]
             )
-        lines += [""] + _table(rows, right={1, 2, 3, 4}, indent="    ")
+        lines += [""] + _table(rows, right={1, 2, 3, 4, 5} if paired else {1, 2, 3, 4}, indent="    ")
     return "\n".join(lines)
+
+
+def _interval(values: Any) -> str:
+    """A paired difference as `-0.0219 [-0.0559, +0.0088]`; `-` for the baseline row itself."""
+    v = _list(values)
+    if len(v) != 3 or not all(_is_num(x) for x in v):
+        return "-"
+    return f"{v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]"
 
 
 # --- the projection ------------------------------------------------------------------------------

@@ -135,11 +135,16 @@ def _is_current(bank: Path, config: BuildConfig, data: Path, model_id: str) -> b
         recorded = build_config_from_manifest(manifest, bank, holdout_fraction=0.0)
     except (BankBuildError, TypeError, ValueError):
         return False
+    from server.bank.selection import RULE
+
     sha = hashlib.sha256(data.read_bytes()).hexdigest()
+    selection = (manifest.get("extra") or {}).get("fusion_selection") or {}
     return (
         recorded == config
         and manifest.get("base_model") == model_id
         and (manifest.get("extra") or {}).get("data", {}).get("sha256") == sha
+        # defaults chosen by an earlier rule are chosen again (from the cached LoRAs)
+        and (not selection.get("chosen") or selection.get("rule") in (RULE, "lowest mean"))
     )
 
 

@@ -189,9 +189,12 @@ class AdapterBuilder:
         return self._cached("oppu", str(user.user_id), fp, make)
 
     def _bank_fingerprint(self, method: Fused) -> dict[str, Any]:
+        """What a fused adapter depends on: the bank and the defaults it is served with (the
+        method's overrides or the bank's own, which a rebuild may choose differently)."""
+        served = self.served_bank(method)
         return {
-            "bank": str(self.cfg.bank), "version": self.bank_version, "mode": method.fusion_mode, "k": method.top_k,
-            "scale": method.residual_scale,
+            "bank": str(self.cfg.bank), "version": self.bank_version, "mode": served.mode, "k": served.top_k,
+            "scale": served.bank.residual_scale,
         }  # fmt: skip
 
     def fused_adapter(self, method: Fused, user: EvalUser) -> Adapter:
