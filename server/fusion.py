@@ -45,12 +45,15 @@ class FusionPlan:
     mode: str
     anchors: tuple[tuple[str, float], ...]  # (anchor id, weight), most similar first, weight > 0
     retrieved: tuple[tuple[str, float], ...]  # (anchor id, cosine similarity) of all top-k, weight 0 included
+    shared_only: bool = False  # the bank serves its shared LoRA alone (residual scale 0): anchors add nothing
 
     def key(
         self, stacked_version: int | None = None, *, user_id: str | None = None, stacked_digest: str | None = None
     ) -> AdapterKey:
-        """The fused adapter's key (shared by a neighbourhood); with a stacked LoRA, the user's own."""
-        return AdapterKey(self.bank_uid, self.anchors, self.mode, stacked_version, user_id, stacked_digest)
+        """The fused adapter's key (shared by a neighbourhood; by every user when only the shared
+        LoRA is served, so it takes one cache entry and one engine slot); with a stacked LoRA, the user's own."""
+        anchors, mode = ((), "shared") if self.shared_only else (self.anchors, self.mode)
+        return AdapterKey(self.bank_uid, anchors, mode, stacked_version, user_id, stacked_digest)
 
 
 def plan_fusion(
@@ -71,6 +74,7 @@ def plan_fusion(
         mode=mode,
         anchors=tuple((a, w) for (a, _), w in zip(hits, weights) if w > 0),
         retrieved=tuple(hits),
+        shared_only=bank.shared is not None and bank.residual_scale == 0,
     )
 
 

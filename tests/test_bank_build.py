@@ -407,6 +407,24 @@ def test_the_fusion_defaults_are_chosen_on_the_anchor_pool_and_recorded(built_ta
     assert _load(report.path, tiny_model_dir, residual_scale=0.5).residual_scale == 0.5  # the server's override
 
 
+def test_the_shared_lora_alone_is_one_adapter_for_every_user(built_task, tiny_model_dir):
+    """At residual scale 0 every user's fused adapter is the shared LoRA: one cache key (one entry,
+    one engine slot), whatever the neighbourhood; any other scale keys by the neighbourhood."""
+    from server.fusion import build_adapter, plan_fusion
+
+    report, _ = built_task
+    embeddings = np.load(report.path / "anchor_embeddings.npy")
+    for scale, one_key in ((0.0, True), (0.5, False)):
+        bank = _load(report.path, tiny_model_dir, residual_scale=scale)
+        plans = [plan_fusion(bank, e, bank_uid="b#1", top_k=1, mode="linear") for e in embeddings[:2]]
+        assert plans[0].anchors != plans[1].anchors
+        assert (plans[0].key() == plans[1].key()) is one_key
+        if one_key:  # one key is right only if the adapters are one
+            adapters = [build_adapter(bank, p, 16) for p in plans]
+            assert all(torch.equal(adapters[0].delta(m), adapters[1].delta(m)) for m in adapters[0].modules)
+            assert all(torch.equal(adapters[0].delta(m), bank.shared.delta(m)) for m in bank.shared.modules)
+
+
 @pytest.fixture(scope="module")
 def built_refit(built_task, lamp_file, tiny_model_dir, embedder):
     """The same build with `refit`, in the same work directory (what it reuses is part of the contract)."""

@@ -119,11 +119,16 @@ def test_show_the_demo_bank_prints_the_recipe_anchors_curves_and_fusion_choice(c
 
     # the fusion defaults and how they were chosen: every grid row, the chosen one marked
     chosen = extra["fusion_selection"]["chosen"]
-    assert (m.fusion.mode, m.fusion.top_k, m.fusion.residual_scale) == ("linear", 2, 0.5) == tuple(chosen.values())
-    assert line_of(text, "served").split(None, 1)[1] == "linear, top-2, residual scale 0.5"
+    # the pool's losses favour no residual candidate beyond its noise: the shared LoRA alone is served
+    assert (m.fusion.mode, m.fusion.top_k, m.fusion.residual_scale) == ("linear", 2, 0.0) == tuple(chosen.values())
+    assert line_of(text, "served").split(None, 1)[1] == "linear, top-2, residual scale 0.0"
     assert "chosen on the anchor pool's validation items" in line_of(text, "how")
+    assert line_of(text, "rule").split(None, 1)[1] == extra["fusion_selection"]["rule"]
     (chosen_row,) = [ln for ln in text.splitlines() if ln.endswith("<- chosen")]
-    assert chosen_row.split()[:5] == ["linear", "2", "0.50", "0.7567", "12"]
+    assert chosen_row.split()[:6] == ["linear", "2", "0.00", "0.7786", "8", "-"]
+    best = min(extra["fusion_selection"]["grid"], key=lambda g: g["validation_loss"])
+    assert (best["residual_scale"], best["validation_loss"]) == (0.5, 0.7567) and best["vs_shared"][2] > 0
+    assert "-0.0219 [-0.0559, +0.0088]" in line_of(text, "linear      2            0.50")
     grid = extra["fusion_selection"]["grid"]
     rows = [ln for ln in text.splitlines() if ln.startswith("    ") and ln.split()[0] in ("linear", "cat")]
     assert len(rows) == len(grid)
@@ -210,7 +215,7 @@ def test_show_an_older_or_partial_manifest_never_crashes(tmp_path, capsys):
     assert line_of(text, "init").split(None, 1)[1] == "not recorded"
     for anchor in extra["anchors"]:
         assert line_of(text, f"anchor {anchor}").split()[3:] == ["3.500", "->", "1.250", "(before", "->", "after)", "not", "recorded"]
-    assert line_of(text, "served").split(None, 1)[1] == "linear, top-2, residual scale 0.5"
+    assert line_of(text, "served").split(None, 1)[1] == f"linear, top-2, residual scale {manifest['fusion']['residual_scale']}"
     assert "validation\n  not recorded" in text
 
     # records of unexpected types are shown as missing, not a crash
