@@ -132,7 +132,7 @@ def test_coldstart_cache_simulation_uses_the_server_keys() -> None:
     )
     keys = user_keys(population, anchors, opts, np.random.default_rng(1))
     users = np.concatenate(list(sample_users(population, 3000, np.random.default_rng(1))))
-    bank = SimpleNamespace(version="v", index=AnchorIndex([f"a{i}" for i in range(12)], anchors))
+    bank = SimpleNamespace(version="v", index=AnchorIndex([f"a{i}" for i in range(12)], anchors), shared=None)
     for step, sim_ids in keys.items():
         server_keys = [
             plan_fusion(bank, u, bank_uid="u", top_k=2, mode="linear", round_step=step).key() for u in users

@@ -274,6 +274,8 @@ class _TopK:
     like the bank's flat inner-product index), so `search` returns the hits it is given."""
 
     version = "sim"
+    shared = None  # a bank without a shared LoRA: every neighbourhood is its own adapter
+    residual_scale = 1.0
 
     @property
     def index(self) -> _TopK:
