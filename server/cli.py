@@ -320,11 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--fusion-mode", choices=["linear", "cat"], default="linear", help="bank default")
     build.add_argument("--top-k", type=int, default=2, help="bank default anchors fused per user")
     build.add_argument("--residual-scale", type=float, default=1.0, help="bank default factor on the fused residuals")
-    build.add_argument("--init", choices=["zero", "task"], default="zero",
+    build.add_argument("--init", choices=["zero", "task", "continue"], default="zero",
                        help="zero: meta-LoRAs from scratch (paper); task: residuals over a shared task LoRA "
-                       "trained first on the whole anchor pool (stored once)")
-    build.add_argument("--task-rank", type=int, default=8, help="--init task: the shared task LoRA's rank")
-    build.add_argument("--task-epochs", type=int, help="--init task: the shared task LoRA's (most) epochs (default: --epochs)")
+                       "trained first on the whole anchor pool (stored once); continue: each meta-LoRA continues "
+                       "that task LoRA's own A and B (its rank; --rank is not used)")
+    build.add_argument("--task-rank", type=int, default=8, help="--init task|continue: the task LoRA's rank")
+    build.add_argument("--task-epochs", type=int, help="--init task|continue: the task LoRA's (most) epochs (default: --epochs)")
     build.add_argument("--validation-items", type=int, default=0,
                        help="hold out each anchor-pool user's last N items: early stopping and the fusion defaults' choice")
     build.add_argument("--patience", type=int, default=1, help="epochs without a better validation loss before stopping")

@@ -13,6 +13,8 @@ One recipe for both (docs/architecture.md, section 3; each point was found to ma
   trained with one seed (every meta-LoRA of a bank) starts from the same `A`: `linear`
   fusion (averaging A and B separately) is only meaningful for LoRAs that share an init.
 
+`init_adapter` starts the new LoRA from given weights instead (a bank's `--init continue`:
+every meta-LoRA continues the shared task LoRA's own A and B).
 `base_adapter` trains a new LoRA on top of a frozen one (MTA stage 3: the user's fused
 adapter). Both are attached as PEFT adapters and are active together, so training sees
 exactly what serving the concatenated adapter computes:
@@ -272,8 +274,9 @@ def _attached(
 ) -> Iterator[torch.nn.Module]:
     """`model` wrapped by PEFT with the given adapters active; `model` restored on exit.
 
-    `new` creates a trainable LoRA from `torch.manual_seed(new.seed)`; `adapter` attaches
-    given weights as the (frozen) top adapter instead; `base_adapter` sits frozen under it.
+    `new` creates a trainable LoRA: from `torch.manual_seed(new.seed)`, or from `adapter`'s
+    weights when both are given; `adapter` alone attaches given weights as the (frozen) top
+    adapter; `base_adapter` sits frozen under it.
     """
     from peft import get_peft_model
 
@@ -281,7 +284,9 @@ def _attached(
     layers: list[tuple[str, Any, LoraWeights | None]] = []
     if base_adapter is not None:
         layers.append((BASE_ADAPTER, _config_for(base_adapter), base_adapter))
-    if new is not None:
+    if new is not None and adapter is not None:
+        layers.append((NEW_ADAPTER, _config_for(adapter), adapter))
+    elif new is not None:
         new = new.with_targets(ModelTargets.of_module(model))
         layers.append((NEW_ADAPTER, _lora_config(new.rank, new.alpha, new.target_modules), None))
     elif adapter is not None:
@@ -435,6 +440,7 @@ def train_lora(
     config: TrainConfig,
     *,
     base_adapter: LoraWeights | None = None,
+    init_adapter: LoraWeights | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     report_loss: bool = True,
     validation: Sequence[Example] | None = None,
@@ -442,6 +448,9 @@ def train_lora(
     stop_after: int | None = None,
 ) -> TrainResult:
     """Train a new LoRA on `examples` (optionally on top of a frozen `base_adapter`).
+
+    `init_adapter`: start from its weights (its rank, scaling and modules; `config`'s are not
+    used) instead of a fresh seeded init.
 
     `progress(step, total_steps, loss)` is called after every optimizer step (1-based).
     `report_loss=False` skips the before/after loss evaluation (a forward pass over all
@@ -476,7 +485,10 @@ def train_lora(
     warmup = math.ceil(config.warmup_ratio * total)
     order = random.Random(config.seed)
 
-    with _model_lock(model), _attached(model, new=config, base_adapter=base_adapter) as peft_model:
+    if init_adapter is not None and base_adapter is not None:
+        raise ValueError("a LoRA either continues init_adapter or trains over base_adapter, not both")
+    attach = {"new": config, "adapter": init_adapter, "base_adapter": base_adapter}
+    with _model_lock(model), _attached(model, **attach) as peft_model:
         initial = _mean_loss(peft_model, encoded, pad_id, config.bf16_autocast) if report_loss else None
         curve = [_mean_loss(peft_model, held, pad_id, config.bf16_autocast)] if held else []
         best, best_epoch = (lora_from_peft_model(peft_model, NEW_ADAPTER), 0) if held else (None, None)

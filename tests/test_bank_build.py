@@ -476,3 +476,65 @@ def test_the_real_server_serves_a_task_init_bank(built_task, tiny_model_dir, tmp
     body = serve_and_generate(report, user, tmp_path, tiny_model_dir, MTA_RESIDUAL_SCALE="0.5", MTA_FUSION_MODE="linear")
     assert body["personalized"] is True and body["bank_version"] == report.manifest.bank_version
     assert body["adapter"]["rank"] == 4 + 4  # the shared task LoRA + the linear-fused residuals
+
+
+# --- `--init continue`: every meta-LoRA continues the task LoRA's own A and B --------------------
+
+CONTINUE_CONFIG = dataclasses.replace(
+    TASK_CONFIG, init="continue", train=dataclasses.replace(TRAIN, rank=2, alpha=4),  # rank 2: not used
+    task_train=dataclasses.replace(TASK_CONFIG.task_train, rank=3, alpha=6),
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def built_continue(tmp_path_factory, lamp_file, tiny_model_dir, embedder):
+    return build_kept(tmp_path_factory.mktemp("built-continue"), lamp_file, CONTINUE_CONFIG, tiny_model_dir, embedder)
+
+
+def test_a_continue_bank_starts_every_meta_lora_at_the_task_lora(built_continue, tiny_model_dir, lamp_users, capsys):
+    report, root = built_continue
+    m = report.manifest
+    # the task LoRA is trained first and is every meta-LoRA's start; the bank stores only the meta-LoRAs
+    assert report.trained == ["shared", *(a.id for a in m.anchors)]
+    assert m.shared_lora is None and not (report.path / SHARED_LORA_DIR).exists()
+    assert all(a.rank == 3 for a in m.anchors) and m.extra["training"]["config"]["rank"] == 3  # the task LoRA's shape
+    assert m.extra["training"]["init"] == "continue" and m.extra["training"]["shared"]["config"]["rank"] == 3
+    assert "continuing the A and B of a task LoRA" in m.description
+    task_lora = load_adapter(root / "work" / SHARED_LORA_DIR)
+    model, tok = load_base_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    by_id = {u["user_id"]: u for u in lamp_users}
+    bank = _load(report.path, tiny_model_dir)
+    assert bank.shared is None
+    for anchor in m.anchors:
+        record = m.extra["anchors"][anchor.id]
+        held = [
+            ex
+            for uid in record["members"]
+            for ex in heldout_examples(*split_items(User(uid, tuple(by_id[uid]["profile"])), 1), TASK)
+        ]
+        curve, best = record["validation_losses"], record["best_epoch"]
+        if held:  # epoch 0 is the task LoRA itself
+            alone = mean_loss(model, tok, held, adapter=task_lora, max_length=256, bf16_autocast=True)
+            assert curve[0] == pytest.approx(alone, abs=2e-3)
+        stored = bank.loras[anchor.id]
+        same = all(torch.allclose(stored.delta(mod).float(), task_lora.delta(mod), atol=1e-3) for mod in task_lora.modules)
+        assert same is (best == 0)  # trained away from the start unless validation kept epoch 0
+    # the fusion choice: lowest mean over the pool, each candidate also scored against the task LoRA alone
+    selection = m.extra["fusion_selection"]
+    grid, reference = selection["grid"], selection["reference"]
+    assert selection["rule"] == "lowest mean" and all(r["residual_scale"] > 0 for r in grid)
+    losses = np.array(selection["user_losses"])
+    ref = np.array(reference["user_losses"])
+    assert reference["validation_loss"] == pytest.approx(ref.mean(), abs=1e-4)
+    for row, user_losses in zip(grid, losses):
+        assert row["vs_reference"][0] == pytest.approx((user_losses - ref).mean(), abs=1e-4)
+    eligible = [r for r in grid if r["served_rank"] <= CONTINUE_CONFIG.max_fused_rank]
+    best = min(eligible, key=lambda r: r["validation_loss"])
+    assert selection["chosen"] == {k: best[k] for k in ("mode", "top_k", "residual_scale")} == m.fusion.model_dump()
+    # `mta bank show` says what the bank is; `--folds 2` rebuilds it with the same recipe
+    mta(["bank", "show", str(report.path)])
+    out = capsys.readouterr().out
+    assert "continue: every meta-LoRA continues" in out and "vs task LoRA [95%]" in out and "task LoRA alone" in out
+    config = build_config_from_manifest(json.loads((report.path / "manifest.json").read_text()), report.path,
+                                        holdout_fraction=0.0)  # fmt: skip
+    assert config.init == "continue" and config.task_train.rank == 3

@@ -152,6 +152,22 @@ def test_stop_after_replays_a_prefix_of_the_full_run(model, tok):
         train_lora(model, tok, EXAMPLES[:4], FAST, stop_after=1, validation=EXAMPLES[4:6])
 
 
+def test_init_adapter_continues_given_weights(model, tok):
+    """A bank's `--init continue`: the new LoRA starts as the given one (its rank and scaling), then trains on."""
+    start = train_lora(model, tok, EXAMPLES[:4], FAST, report_loss=False).lora
+    config = TrainConfig(rank=2, alpha=4, learning_rate=FAST.learning_rate, epochs=2, max_length=FAST.max_length)
+    kept = train_lora(model, tok, EXAMPLES[4:], config, init_adapter=start, report_loss=False, stop_after=0).lora
+    assert kept.rank == start.rank and kept.scaling == start.scaling
+    assert all(torch.equal(kept.a[m], start.a[m]) and torch.equal(kept.b[m], start.b[m]) for m in start.modules)
+    held = EXAMPLES[:2]
+    result = train_lora(model, tok, EXAMPLES[4:], config, init_adapter=start, validation=held)
+    assert result.initial_loss == pytest.approx(mean_loss(model, tok, EXAMPLES[4:], adapter=start, bf16_autocast=True))
+    assert result.validation_losses[0] == pytest.approx(mean_loss(model, tok, held, adapter=start, bf16_autocast=True))
+    assert result.losses and result.lora.rank == start.rank
+    with pytest.raises(ValueError, match="not both"):
+        train_lora(model, tok, EXAMPLES[4:], config, init_adapter=start, base_adapter=start)
+
+
 def test_lr_schedule_warms_up_then_decays():
     factors = [lr_factor(i, 10, 2) for i in range(10)]
     assert factors[:3] == [0.5, 1.0, 1.0]

@@ -20,6 +20,9 @@ Steps (docs/architecture.md, section 1):
    recorded as the manifest's `lora_init_seed`), so `linear` fusion averages comparable
    factors. `init="task"`: first one task LoRA on the whole anchor pool, then every meta-LoRA
    as a residual over it (frozen); the task LoRA is stored once (`shared_lora`).
+   `init="continue"`: the same task LoRA, then every meta-LoRA continues training its own A
+   and B (its rank and modules); the bank stores only the meta-LoRAs, and the fusion choice
+   reports each candidate against the task LoRA alone (`reference`).
    With `validation_items`, each pool user's last items are held out of all training: every
    training stops on their loss (best epoch kept), and the fusion defaults are chosen on
    them (`server.bank.selection`). The manifest records the recipe, curves and choice.
@@ -83,8 +86,8 @@ from server.training import Example, TrainConfig
 log = logging.getLogger(__name__)
 
 MetaData = Literal["anchor", "cluster"]
-Init = Literal["zero", "task"]
-SHARED_LORA_DIR = "shared"  # the bank directory of a `--init task` bank's shared task LoRA
+Init = Literal["zero", "task", "continue"]
+SHARED_LORA_DIR = "shared"  # the directory of the task LoRA that `--init task|continue` trains first
 REFIT_DIR = "refit"  # in the work directory: the LoRAs of a `refit` build, as the bank ships them
 _ANCHOR_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 
@@ -181,8 +184,9 @@ class BuildConfig:
     fusion: FusionDefaults = field(default_factory=FusionDefaults)
     name: str | None = None  # default: the task name
     # "task": first train one LoRA on the whole anchor pool (`task_train`), then every meta-LoRA
-    # as a residual over it (stored once, served under the fused residuals); "zero": the
-    # paper's recipe, every meta-LoRA from scratch from one shared A init.
+    # as a residual over it (stored once, served under the fused residuals); "continue": every
+    # meta-LoRA continues that LoRA's A and B (`train`'s rank and modules give way to
+    # `task_train`'s); "zero": the paper's recipe, every meta-LoRA from scratch from one shared A init.
     init: Init = "zero"
     task_train: TrainConfig = field(default_factory=TrainConfig)
     # The last N history items of every anchor-pool user are held out of all training: the
@@ -200,8 +204,8 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if self.meta_data not in ("anchor", "cluster"):
             raise BankBuildError(f"meta-data must be 'anchor' or 'cluster', got {self.meta_data!r}")
-        if self.init not in ("zero", "task"):
-            raise BankBuildError(f"init must be 'zero' or 'task', got {self.init!r}")
+        if self.init not in ("zero", "task", "continue"):
+            raise BankBuildError(f"init must be 'zero', 'task' or 'continue', got {self.init!r}")
         if self.validation_items < 0 or self.patience < 1:
             raise BankBuildError(
                 f"validation items must be >= 0 and patience >= 1, got {self.validation_items} and {self.patience}"
@@ -304,13 +308,16 @@ def build_bank(
     tokenizer = load_tokenizer(model_dir)
     targets = ModelTargets.of_module(model)
     config = dataclasses.replace(config, train=config.train.with_targets(targets), task_train=config.task_train.with_targets(targets))
+    if config.init == "continue":  # each meta-LoRA is the task LoRA trained further: its shape
+        shape = {k: getattr(config.task_train, k) for k in ("rank", "alpha", "target_modules")}
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, **shape))
     train = config.train
     trainer = _CachedTrainer(work, model, tokenizer, _model_fingerprint(model_dir, model_id), model_id, progress)
     splits = {u.user_id: split_items(u, config.validation_items) for u in pool}
     validation = {u.user_id: heldout_examples(*splits[u.user_id], task) for u in pool}
 
     shared, shared_record = None, None
-    if config.init == "task":
+    if config.init != "zero":
         examples = [ex for u in pool for ex in leave_one_out_examples(splits[u.user_id][0], task)]
         held = [ex for u in pool for ex in validation[u.user_id]]
         shared, shared_record = trainer.train(SHARED_LORA_DIR, "shared task LoRA", examples, held, config.task_train, config.patience)
@@ -322,7 +329,7 @@ def build_bank(
         held = [ex for member in sources for ex in validation[member.user_id]]
         _, record = trainer.train(
             f"loras/{cluster.id}", f"anchor {n}/{len(clusters)} {cluster.id}", examples, held, train, config.patience,
-            base=(shared, shared_record),
+            **_from_task_lora(config, shared, shared_record),
         )  # fmt: skip
         records[cluster.id] = {
             "user_id": cluster.anchor.user_id,
@@ -342,6 +349,7 @@ def build_bank(
             {
                 "anchors": {c.id: (c.embedding.tolist(), records[c.id]["fingerprint"]) for c in clusters},
                 "shared": shared_record["fingerprint"] if shared_record else None,
+                **({"reference": True} if config.init == "continue" else {}),
                 "users": [(u.user_id, u.profile, [dataclasses.astuple(e) for e in held], own) for u, held, own in users_in],
                 "base": config.fusion.model_dump(), "max_fused_rank": config.max_fused_rank, "max_length": train.max_length,
                 "rule": RULE,
@@ -350,7 +358,9 @@ def build_bank(
                 embedder, model, tokenizer, task,
                 users=users_in,
                 anchors={c.id: (c.embedding, load_adapter(work / "loras" / c.id)) for c in clusters},
-                shared=shared, base=config.fusion, max_fused_rank=config.max_fused_rank,
+                shared=shared if config.init == "task" else None,
+                reference=shared if config.init == "continue" else None,
+                base=config.fusion, max_fused_rank=config.max_fused_rank,
                 max_length=train.max_length, progress=progress,
             ),
         )  # fmt: skip
@@ -368,6 +378,15 @@ def build_bank(
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return BuildReport(out, manifest, trainer.trained, trainer.skipped, time.perf_counter() - started, trainer.seconds)
+
+
+def _from_task_lora(config: BuildConfig, shared: Any, shared_record: dict[str, Any] | None) -> dict[str, Any]:
+    """How a meta-LoRA relates to the task LoRA: `_CachedTrainer.train`'s `base` or `start`."""
+    if config.init == "task":
+        return {"base": (shared, shared_record)}
+    if config.init == "continue":
+        return {"start": (shared, shared_record)}
+    return {}
 
 
 def _refit(
@@ -398,7 +417,7 @@ def _refit(
         examples = [ex for member in sources for ex in leave_one_out_examples(member, task)]
         _, records[cluster.id]["refit"] = trainer.train(
             f"{REFIT_DIR}/loras/{cluster.id}", f"refit: anchor {n}/{len(clusters)} {cluster.id}", examples, (),
-            config.train, config.patience, base=(shared, shared_record["refit"] if shared_record else None),
+            config.train, config.patience, **_from_task_lora(config, shared, shared_record["refit"] if shared_record else None),
             stop_after=records[cluster.id].get("best_epoch", config.train.epochs),
         )  # fmt: skip
     return shared_record
@@ -428,16 +447,20 @@ class _CachedTrainer:
         patience: int,
         base: tuple[Any, dict[str, Any] | None] = (None, None),
         stop_after: int | None = None,
+        start: tuple[Any, dict[str, Any] | None] = (None, None),
     ) -> tuple[Any, dict[str, Any]]:
         """(the LoRA, its record for the manifest): trained now, or reused from the work directory.
 
-        `stop_after` (a refit): train that many epochs of `train`'s schedule, without validation.
+        `base`: (LoRA, record) trained over, frozen; `start`: (LoRA, record) whose weights the new
+        one starts from. `stop_after` (a refit): train that many epochs of `train`'s schedule,
+        without validation.
         """
         from tqdm.auto import tqdm
 
         from server.training import train_lora
 
         base_lora, base_record = base
+        start_lora, start_record = start
         fingerprint = _digest(
             {
                 "model": self.model_fp,
@@ -447,6 +470,7 @@ class _CachedTrainer:
                 "patience": patience if validation else None,
                 "base": base_record["fingerprint"] if base_record else None,
                 **({"stop_after": stop_after} if stop_after is not None else {}),  # older work dirs stay valid
+                **({"start": start_record["fingerprint"]} if start_record else {}),
             }
         )
         record_file = self.work / "records" / f"{name.replace('/', '__')}.json"
@@ -466,7 +490,7 @@ class _CachedTrainer:
                 bar.set_postfix_str(f"loss={loss:.3f}")
 
             result = train_lora(
-                self.model, self.tokenizer, examples, train, base_adapter=base_lora, progress=step,
+                self.model, self.tokenizer, examples, train, base_adapter=base_lora, init_adapter=start_lora, progress=step,
                 report_loss=not validation and stop_after is None, validation=validation or None, patience=patience,
                 stop_after=stop_after,
             )  # fmt: skip
@@ -535,7 +559,7 @@ def _manifest(
         "fusion": config.fusion.model_dump(),
         "name": config.bank_name,
         "init": config.init,
-        "task_train": dataclasses.asdict(config.task_train) if config.init == "task" else None,
+        "task_train": dataclasses.asdict(config.task_train) if config.init != "zero" else None,
         "validation_items": config.validation_items,
         "patience": config.patience,
         "select_fusion": config.select_fusion,
@@ -561,11 +585,10 @@ def _manifest(
             f"Meta-LoRAs trained on {data.name} ({task.name}): {len(clusters)} anchors from {len(pool)} anchor-pool "
             f"users, rank {train.rank} on {','.join(targets)}, each trained on "
             + ("its anchor's history" if config.meta_data == "anchor" else "the histories of its cluster's members")
-            + (
-                f", as a residual over a rank-{config.task_train.rank} task LoRA trained on the whole anchor pool."
-                if config.init == "task"
-                else ", from scratch."
-            )
+            + {
+                "task": f", as a residual over a rank-{config.task_train.rank} task LoRA trained on the whole anchor pool.",
+                "continue": ", each continuing the A and B of a task LoRA trained first on the whole anchor pool.",
+            }.get(config.init, ", from scratch.")
         ),
         random=False,
         base_model=model_id,
@@ -616,7 +639,7 @@ def _manifest(
                         "examples_from": "leave-one-out over the training items of every anchor-pool user",
                         **(shared_record or {}),
                     }
-                    if config.init == "task"
+                    if config.init != "zero"
                     else None
                 ),
             },

@@ -89,7 +89,8 @@ def describe_bank(path: str | os.PathLike[str]) -> dict[str, Any]:
         "data": _dict(extra.get("data")) or None,
         "split": split or None,
         "clustering": _dict(extra.get("clustering")) or None,
-        "recipe": {k: v for k, v in training.items() if k != "shared"} or None,
+        # a stored shared LoRA's training goes with it; a `--init continue` bank's task LoRA stays in the recipe
+        "recipe": {k: v for k, v in training.items() if k != "shared" or shared is None} or None,
         "shared_lora": shared,
         "anchors": anchors,
         "validation": _dict(extra.get("validation")) or None,
@@ -248,6 +249,7 @@ def format_bank(info: Mapping[str, Any]) -> str:
         init_text = {
             "task": "task: residual meta-LoRAs over a shared task LoRA trained first on the whole anchor pool",
             "zero": "zero: every meta-LoRA from scratch (the paper's recipe)",
+            "continue": "continue: every meta-LoRA continues the A and B of a task LoRA trained first on the whole anchor pool",
         }.get(init, _str(init))
         meta = recipe.get("meta_data")
         meta_text = {"cluster": "cluster: each meta-LoRA on its cluster's members' histories",
@@ -270,6 +272,9 @@ def format_bank(info: Mapping[str, Any]) -> str:
                 if refit:
                     text += f"; refit: {refit.get('epochs')} epoch(s) on {refit.get('examples')} examples"
             pairs.append(("shared task LoRA", text))
+        if init == "continue":
+            task_lora = _dict(recipe.get("shared"))
+            pairs.append(("task LoRA", f"not stored (the meta-LoRAs' start); trained with {_config_text(_dict(task_lora.get('config')))}"))
         if validation.get("items_per_user"):  # a refit needs validation to have chosen the epochs
             pairs.append(("refit", _str(recipe.get("refit") or "no: the bank ships the validated LoRAs")))
         pairs += [
@@ -305,6 +310,9 @@ def format_bank(info: Mapping[str, Any]) -> str:
     if shared is not None:
         shared_training = _dict(shared.get("training"))
         rows.append(_curve_row("shared task LoRA", shared_training, _dict(shared_training.get("config"))))
+    elif recipe.get("init") == "continue" and _dict(recipe.get("shared")):
+        task_lora = _dict(recipe.get("shared"))
+        rows.append(_curve_row("task LoRA (start)", task_lora, _dict(task_lora.get("config"))))
     for a in anchors:
         rows.append(_curve_row(f"anchor {a.get('id')}", a.get("training"), _dict(recipe.get("config"))))
     lines += _table(rows, right={1})
@@ -355,8 +363,9 @@ def format_bank(info: Mapping[str, Any]) -> str:
     grid = [_dict(r) for r in _list(selection.get("grid"))]
     if grid:
         max_rank = selection.get("max_fused_rank")
-        paired = any("vs_shared" in r for r in grid)
-        rows = [["mode", "top_k", "residual_scale", "validation_loss", "served_rank", *(["vs shared alone [95%]"] if paired else []), ""]]
+        paired = next((k for k in ("vs_shared", "vs_reference") if any(k in r for r in grid)), None)
+        against = {"vs_shared": "vs shared alone [95%]", "vs_reference": "vs task LoRA [95%]"}
+        rows = [["mode", "top_k", "residual_scale", "validation_loss", "served_rank", *([against[paired]] if paired else []), ""]]
         for r in grid:
             mark = ""
             if chosen and all(r.get(k) == chosen.get(k) for k in ("mode", "top_k", "residual_scale")):
@@ -371,11 +380,14 @@ def format_bank(info: Mapping[str, Any]) -> str:
                     f"{r['residual_scale']:.2f}" if _is_num(r.get("residual_scale")) else _str(r.get("residual_scale")),
                     f"{loss:.4f}" if _is_num(loss) else _str(loss),
                     _str(r.get("served_rank")),
-                    *([_interval(r.get("vs_shared"))] if paired else []),
+                    *([_interval(r.get(paired))] if paired else []),
                     mark,
                 ]
             )
         lines += [""] + _table(rows, right={1, 2, 3, 4, 5} if paired else {1, 2, 3, 4}, indent="    ")
+        reference = _dict(selection.get("reference"))
+        if _is_num(reference.get("validation_loss")):
+            lines.append(f"    task LoRA alone (not served): validation_loss {reference['validation_loss']:.4f}")
     return "\n".join(lines)
 
 

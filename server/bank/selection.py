@@ -15,6 +15,10 @@ scale 0) beyond the pool's noise: the 95% interval of its paired per-user loss d
 if none does, the bank serves the shared LoRA alone. A small pool (LaMP-4: 10 users) spans
 its whole grid within noise, and picking its lowest mean there is picking noise. Without a
 shared LoRA the lowest mean wins. Ties go to the earlier candidate (the smaller scale).
+
+A `reference` LoRA that the bank does not serve (an `--init continue` bank's task LoRA) is
+scored on the same users and every candidate's paired interval against it is recorded
+(`vs_reference`): what fusing buys over the task LoRA, on the pool, without changing the choice.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ def choose_fusion(
     anchors: Mapping[str, tuple[np.ndarray, LoraWeights]],
     shared: LoraWeights | None,
     base: FusionDefaults,
+    reference: LoraWeights | None = None,
     max_fused_rank: int,
     max_length: int = 512,
     progress: bool = True,
@@ -88,6 +93,7 @@ def choose_fusion(
     ranks = {a: lora.rank for a, (_, lora) in anchors.items()}
     shared_rank = shared.rank if shared is not None else 0
     losses = np.zeros((len(grid), len(users)))
+    reference_losses = np.zeros(len(users))
     for j, (user, validation, own) in enumerate(tqdm(users, desc="fusion defaults", unit="user", disable=not progress)):
         embedding = embedder.embed_user([task.render(item) for item in user.profile])
         jobs = []
@@ -100,7 +106,11 @@ def choose_fusion(
                 shared=shared, residual_scale=c.residual_scale,
             )  # fmt: skip
             jobs.append((validation, adapter))
-        losses[:, j] = mean_losses(model, tokenizer, jobs, max_length=max_length)
+        if reference is not None:
+            jobs.append((validation, reference))
+        scored = mean_losses(model, tokenizer, jobs, max_length=max_length)
+        losses[:, j] = scored[: len(grid)]
+        reference_losses[j] = scored[-1] if reference is not None else np.nan
     served = [fused_rank(list(ranks.values()), c.mode, c.top_k, shared_rank, c.residual_scale) for c in grid]
     best, intervals = choose(losses, [r <= max_fused_rank for r in served], baseline=0 if shared is not None else None)
     rows = []
@@ -108,8 +118,10 @@ def choose_fusion(
         row = {**c.model_dump(), "validation_loss": round(float(losses[i].mean()), 4), "served_rank": served[i]}
         if intervals[i] is not None:
             row["vs_shared"] = [round(v, 4) for v in intervals[i]]
+        if reference is not None:
+            row["vs_reference"] = [round(v, 4) for v in paired_interval(losses[i] - reference_losses)]
         rows.append(row)
-    return {
+    record = {
         "criterion": "mean over anchor-pool users of the answer loss on their validation items; "
         "each user's own cluster's anchor left out of the retrieval",
         "rule": RULE if shared is not None else "lowest mean",
@@ -119,6 +131,13 @@ def choose_fusion(
         "grid": rows,
         "chosen": grid[best].model_dump(),
     }
+    if reference is not None:
+        record["reference"] = {
+            "lora": "the task LoRA the meta-LoRAs continue (not served)",
+            "validation_loss": round(float(reference_losses.mean()), 4),
+            "user_losses": [round(float(v), 5) for v in reference_losses],
+        }
+    return record
 
 
 def paired_interval(differences: np.ndarray, *, resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float, float]:

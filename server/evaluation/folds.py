@@ -99,7 +99,7 @@ def build_config_from_manifest(manifest: dict[str, Any], bank: Path | str, *, ho
         fusion=FusionDefaults(**get("extra.fusion_selection.requested")),  # what was asked for, not what was chosen
         name=get("name"),
         init=init,
-        task_train=train_config("extra.training.shared.config") if init == "task" else TrainConfig(),
+        task_train=train_config("extra.training.shared.config") if init in ("task", "continue") else TrainConfig(),
         validation_items=get("extra.validation.items_per_user"),
         patience=get("extra.validation.patience"),
         select_fusion=get("extra.fusion_selection.enabled"),
