@@ -202,6 +202,8 @@ def format_bank(info: Mapping[str, Any]) -> str:
     clustering = _dict(info.get("clustering"))
     recipe = _dict(info.get("recipe"))
     shared = info.get("shared_lora")
+    # a `--init continue` bank's task LoRA: the meta-LoRAs' start, recorded but not stored
+    task_lora = _dict(recipe.get("shared")) if recipe.get("init") == "continue" else {}
     selection = _dict(info.get("fusion_selection"))
     validation = _dict(info.get("validation"))
     anchors = _list(info.get("anchors"))
@@ -272,8 +274,7 @@ def format_bank(info: Mapping[str, Any]) -> str:
                 if refit:
                     text += f"; refit: {refit.get('epochs')} epoch(s) on {refit.get('examples')} examples"
             pairs.append(("shared task LoRA", text))
-        if init == "continue":
-            task_lora = _dict(recipe.get("shared"))
+        if task_lora:
             pairs.append(("task LoRA", f"not stored (the meta-LoRAs' start); trained with {_config_text(_dict(task_lora.get('config')))}"))
         if validation.get("items_per_user"):  # a refit needs validation to have chosen the epochs
             pairs.append(("refit", _str(recipe.get("refit") or "no: the bank ships the validated LoRAs")))
@@ -310,8 +311,7 @@ def format_bank(info: Mapping[str, Any]) -> str:
     if shared is not None:
         shared_training = _dict(shared.get("training"))
         rows.append(_curve_row("shared task LoRA", shared_training, _dict(shared_training.get("config"))))
-    elif recipe.get("init") == "continue" and _dict(recipe.get("shared")):
-        task_lora = _dict(recipe.get("shared"))
+    elif task_lora:
         rows.append(_curve_row("task LoRA (start)", task_lora, _dict(task_lora.get("config"))))
     for a in anchors:
         rows.append(_curve_row(f"anchor {a.get('id')}", a.get("training"), _dict(recipe.get("config"))))

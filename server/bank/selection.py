@@ -110,7 +110,8 @@ def choose_fusion(
             jobs.append((validation, reference))
         scored = mean_losses(model, tokenizer, jobs, max_length=max_length)
         losses[:, j] = scored[: len(grid)]
-        reference_losses[j] = scored[-1] if reference is not None else np.nan
+        if reference is not None:
+            reference_losses[j] = scored[-1]
     served = [fused_rank(list(ranks.values()), c.mode, c.top_k, shared_rank, c.residual_scale) for c in grid]
     best, intervals = choose(losses, [r <= max_fused_rank for r in served], baseline=0 if shared is not None else None)
     rows = []
