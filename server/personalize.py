@@ -25,7 +25,7 @@ from server.metrics import Metrics
 from server.prompts import ProfileIndex
 from server.settings import Settings
 from server.stacking import STACKED_BLOB, StackedBlob, StackedMeta
-from server.store import ProfileChanged, UserRecord, UserStore
+from server.store import ProfileChanged, UserRecord, UserStamp, UserStore
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ class Personalizer:
         self._indexes: UserLru[ProfileIndex] = UserLru(settings.profile_index_cache_size)
         self._plans: UserLru[FusionPlan] = UserLru(settings.profile_index_cache_size)
         self._stacked: UserLru[StackedMeta] = UserLru(settings.profile_index_cache_size)
+        self._records: UserLru[UserRecord] = UserLru(settings.profile_index_cache_size)
 
     def validate_items(self, items: list[dict[str, Any]]) -> None:
         """The profile limits (count, size, some text per item); InvalidInput names the first problem."""
@@ -200,8 +201,9 @@ class Personalizer:
         A user without a profile is the base model, or NotFound with `MTA_UNKNOWN_USER=404` unless
         `missing_ok` (a caller that may create the profile itself)."""
         served = self.banks.current
-        record = await self.store.get_user(user_id)
-        if record is None:
+        stamp = await self.store.user_stamp(user_id, STACKED_BLOB)  # a warm request's one store read
+        record = await self._record(user_id, stamp) if stamp is not None else None
+        if stamp is None or record is None:
             if self.settings.unknown_user == "404" and not missing_ok:
                 raise NotFound(f"user {user_id!r} has no profile (PUT /users/{user_id}/profile first)")
             return UserContext(user_id, served, None, None, [])
@@ -210,8 +212,18 @@ class Personalizer:
             embedding = await asyncio.to_thread(served.embedder.embed_user, index.history)
             await self.store.set_embedding(user_id, embedding, served.embedding_model, record.profile_version)
             record = dataclasses.replace(record, embedding=embedding, embedding_model=served.embedding_model)
-        stacked = await self._stacked_meta(user_id)
+        stacked = await self._stacked_meta(user_id, stamp.blob)
         return UserContext(user_id, served, record, self._cached_plan(served, record), index.history, stacked, index)
+
+    async def _record(self, user_id: str, stamp: UserStamp) -> UserRecord | None:
+        """The stored profile as of `stamp`, read again only after a write (None: deleted meanwhile).
+
+        Keyed by (user, profile version, time of the write), as the history index: a record read
+        just after another write is kept under its own stamp, and the next request reads again."""
+        if (record := self._records.get((user_id, stamp.profile_version, stamp.updated_at))) is None:
+            if (record := await self.store.get_user(user_id)) is not None:
+                self._records.put((user_id, record.profile_version, record.updated_at), record)
+        return record
 
     def _cached_plan(self, served: ServedBank, record: UserRecord) -> FusionPlan:
         """The user's fusion plan (retrieval and weights) once per profile write and bank load."""
@@ -221,12 +233,11 @@ class Personalizer:
             self._plans.put(key, plan)
         return plan
 
-    async def _stacked_meta(self, user_id: str) -> StackedMeta | None:
-        """The user's stacked LoRA as requests see it. Its bytes are read, hashed and checked
-        against the model's layers only when its version or size changed: a corrupt one is
-        reported in the response and served fused-only, never handed to vLLM (which would fail
-        the request, or the engine)."""
-        stamp = await self.store.blob_stamp(user_id, STACKED_BLOB)
+    async def _stacked_meta(self, user_id: str, stamp: tuple[int, int] | None) -> StackedMeta | None:
+        """The user's stacked LoRA as requests see it, given its stamp (version, size). Its bytes are
+        read, hashed and checked against the model's layers only when the stamp changed: a corrupt
+        one is reported in the response and served fused-only, never handed to vLLM (which would
+        fail the request, or the engine)."""
         if stamp is None:
             return None
         if (meta := self._stacked.get((user_id, *stamp))) is None:
@@ -337,7 +348,7 @@ class Personalizer:
             self._forget_derived(user_id)
 
     def _forget_derived(self, user_id: str | None) -> None:
-        for cache in (self._indexes, self._plans, self._stacked):
+        for cache in (self._records, self._indexes, self._plans, self._stacked):
             cache.forget(user_id)
 
     async def swap_bank(self, path: Path) -> BankSwap:

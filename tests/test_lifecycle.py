@@ -603,3 +603,38 @@ async def test_the_profile_bm25_index_is_built_once_per_profile_version_off_the_
     assert len(builds) == 2 and third.history_index is not first.history_index
     assert third.history == [prompts.render_item(i, HISTORY_TEMPLATE) for i in THEMES["crime"]]
     assert loop_thread not in builds  # built in a worker thread, never on the event loop
+
+
+async def test_a_returning_users_request_reads_only_the_users_stamp(local, monkeypatch):
+    """A warm request reads the profile's and the stacked LoRA's stamps, not the profile; a write
+    by another process on the same store (a replica, a worker) is seen by the very next request."""
+    from server import prompts
+    from server.personalize import Personalizer
+    from server.stacking import STACKED_BLOB
+
+    p = local.personalizer
+    other = Personalizer(local.settings, local.store, p.banks)  # another replica on the same store
+    user = f"stamp-{uuid.uuid4().hex[:8]}"
+    await p.put_profile(user, THEMES["space"])
+    reads: list[str] = []
+    get_user = local.store.get_user
+
+    async def counted(user_id: str):
+        reads.append(user_id)
+        return await get_user(user_id)
+
+    monkeypatch.setattr(local.store, "get_user", counted)
+    first, second = await p.context(user), await p.context(user)
+    assert reads == [user] and second.record is first.record and second.plan == first.plan
+
+    await other.put_profile(user, THEMES["crime"])
+    third = await p.context(user)
+    assert reads == [user, user] and third.record.profile_version == first.record.profile_version + 1
+    assert third.history == [prompts.render_item(i, HISTORY_TEMPLATE) for i in THEMES["crime"]]
+
+    version = await local.store.put_blob(user, STACKED_BLOB, b"not a stacked LoRA")  # as a worker would
+    fourth = await p.context(user)
+    assert fourth.stacked is not None and fourth.stacked.version == version and fourth.stacked_error
+    assert reads == [user, user] and fourth.record is third.record
+    await other.delete_user(user)
+    assert (await p.context(user)).record is None

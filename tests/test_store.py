@@ -22,6 +22,7 @@ from server.store import (
     StoreError,
     StoreUnavailable,
     UserNotFound,
+    UserStamp,
     UserStore,
     open_store,
 )
@@ -249,6 +250,26 @@ async def test_blob_versions_increase_and_are_never_reused(store: UserStore) -> 
     third = await store.put_blob(USER, LORA, b"v3")
     assert third > second  # a cache keyed by version can never see an old version again
     assert await store.get_blob(USER, "other.blob") == (other, b"")
+
+
+async def test_user_stamp_moves_with_every_write(store: UserStore) -> None:
+    assert await store.user_stamp(USER, LORA) is None
+    first = await store.put_profile(USER, ITEMS, embedding(1), MODEL)
+    stamp = await store.user_stamp(USER, LORA)
+    assert (stamp.profile_version, stamp.updated_at, stamp.blob) == (first.profile_version, first.updated_at, None)
+
+    version = await store.put_blob(USER, LORA, b"abc")
+    assert (await store.user_stamp(USER, LORA)).blob == (version, 3)
+    assert (await store.user_stamp(USER, "other.blob")).blob is None
+    assert await store.set_embedding(USER, embedding(2), MODEL, expected_profile_version=first.profile_version)
+    embedded = await store.user_stamp(USER, LORA)
+    assert embedded.profile_version == first.profile_version and embedded.updated_at > first.updated_at
+    assert embedded.updated_at == (await store.get_user(USER)).updated_at
+
+    second = await store.put_profile(USER, ITEMS[:1], embedding(3), MODEL)
+    assert await store.user_stamp(USER, LORA) == UserStamp(second.profile_version, second.updated_at, (version, 3))
+    await store.delete_user(USER)
+    assert await store.user_stamp(USER, LORA) is None
 
 
 async def test_put_blob_needs_a_profile(store: UserStore) -> None:

@@ -17,6 +17,7 @@ from .base import (
     StoreUnavailable,
     UserNotFound,
     UserRecord,
+    UserStamp,
     UserStore,
     redact_url,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "StoreUnavailable",
     "UserNotFound",
     "UserRecord",
+    "UserStamp",
     "UserStore",
     "open_store",
 ]

@@ -69,6 +69,17 @@ class UserRecord:
         return decode_items(self.stored_items)
 
 
+@dataclass(frozen=True)
+class UserStamp:
+    """What identifies a user's stored state without reading it: a reader that keeps what it
+    derived from the profile (its rendered history, fusion plan) and from one blob knows from a
+    stamp whether that is still current. Every profile or embedding write moves `updated_at`."""
+
+    profile_version: int
+    updated_at: float
+    blob: tuple[int, int] | None  # (version, size in bytes) of the named blob, None without one
+
+
 @runtime_checkable
 class UserStore(Protocol):
     """Async user store, safe for concurrent callers.
@@ -116,6 +127,11 @@ class UserStore(Protocol):
     async def blob_stamp(self, user_id: str, name: str) -> tuple[int, int] | None:
         """(version, size in bytes) of a blob without reading it: a reader that keeps what it
         derived from a blob knows whether that is still current."""
+        ...
+
+    async def user_stamp(self, user_id: str, blob_name: str) -> UserStamp | None:
+        """The profile's stamp and the named blob's, in one read of neither's data (None: no
+        profile): what a returning user's request reads from the store."""
         ...
 
     async def delete_blob(self, user_id: str, name: str) -> bool: ...

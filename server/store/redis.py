@@ -58,6 +58,7 @@ from .base import (
     StoreUnavailable,
     UserNotFound,
     UserRecord,
+    UserStamp,
     check_blob_data,
     check_blob_name,
     check_job_id,
@@ -319,6 +320,20 @@ class RedisUserStore:
                 pipe.hstrlen(key, "data")
                 version, size = await pipe.execute()
         return None if version is None else (int(version), int(size))
+
+    async def user_stamp(self, user_id: str, blob_name: str) -> UserStamp | None:
+        check_user_id(user_id)
+        check_blob_name(blob_name)
+        blob_key = self._blob_key(user_id, blob_name)
+        with self._errors():  # one round trip, no MULTI (as `blob_stamp`)
+            async with self._client().pipeline(transaction=False) as pipe:
+                pipe.hmget(self._user_key(user_id), ["profile_version", "updated_at"])
+                pipe.hget(blob_key, "version")
+                pipe.hstrlen(blob_key, "data")
+                (version, updated_at), blob_version, size = await pipe.execute()
+        if version is None:
+            return None
+        return UserStamp(int(version), float(updated_at), None if blob_version is None else (int(blob_version), int(size)))
 
     async def delete_blob(self, user_id: str, name: str) -> bool:
         check_user_id(user_id)

@@ -28,6 +28,7 @@ from .base import (
     StoreUnavailable,
     UserNotFound,
     UserRecord,
+    UserStamp,
     check_blob_data,
     check_blob_name,
     check_job_id,
@@ -244,6 +245,22 @@ class SQLiteUserStore:
                 "SELECT version, length(data) FROM blobs WHERE user_id = ? AND name = ?", (user_id, name)
             ).fetchone()
             return (row[0], row[1]) if row else None
+
+        return await self._run(read)
+
+    async def user_stamp(self, user_id: str, blob_name: str) -> UserStamp | None:
+        check_user_id(user_id)
+        check_blob_name(blob_name)
+
+        def read(conn: sqlite3.Connection) -> UserStamp | None:
+            row = conn.execute(
+                """SELECT u.profile_version, u.updated_at, b.version, length(b.data) FROM users u
+                   LEFT JOIN blobs b ON b.user_id = u.user_id AND b.name = ? WHERE u.user_id = ?""",
+                (blob_name, user_id),
+            ).fetchone()
+            if row is None:
+                return None
+            return UserStamp(row[0], row[1], None if row[2] is None else (row[2], row[3]))
 
         return await self._run(read)
 
