@@ -135,6 +135,7 @@ def cmd_bank_build(args: argparse.Namespace) -> None:
             patience=args.patience,
             select_fusion=args.select_fusion,
             refit=args.refit,
+            stacking_lrs=tuple(args.stacking_lrs or ()),
         )
     except ValueError as e:
         sys.exit(f"mta bank build: {e}")
@@ -159,6 +160,8 @@ def cmd_bank_build(args: argparse.Namespace) -> None:
         print(f"  {name}, {rec['examples']} examples, {fit}")
     if "chosen" in extra.get("fusion_selection", {}):
         print(f"fusion defaults chosen on the anchor pool: {extra['fusion_selection']['chosen']}")
+    if report.manifest.stacking is not None:
+        print(f"stacking recipe chosen on the anchor pool: {report.manifest.stacking.model_dump()}")
     print(f"trained {len(report.trained)}, reused {len(report.skipped)} LoRAs in {report.seconds:.0f} s")
     if args.report is not None:  # beside the bank, never inside it (the bank directory is served and shipped)
         out = Path(args.report) if args.report else report.path.with_name(f"{report.path.name}.report.png")
@@ -202,7 +205,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from server.evaluation.report import markdown_table
     from server.evaluation.runner import format_timings, run
     from server.settings import Settings
-    from server.stacking import stack_config
+    from server.stacking import RECIPE_FIELDS, stack_config
     from server.tasks import make_task, scoring
     from server.training import TrainConfig
 
@@ -235,6 +238,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
             stack_train=stack_config(
                 Settings.model_construct(), rank=args.stack_rank, learning_rate=args.stack_lr, epochs=args.stack_epochs
             ),
+            stack_given=frozenset(
+                k for k, v in zip(RECIPE_FIELDS, (args.stack_rank, args.stack_lr, args.stack_epochs)) if v is not None
+            ),
             resamples=args.resamples,
             folds=args.folds,
         )
@@ -263,6 +269,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from server.bench.common import float_list
+
     p = argparse.ArgumentParser(prog="mta", description="MTA personalization server (settings: MTA_* variables)")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -332,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--refit", action="store_true",
                        help="after validation chose every LoRA's epochs and the fusion defaults, retrain each LoRA "
                        "on all of its items (validation items included) for its chosen epochs; the bank ships those")
+    build.add_argument("--stacking-lrs", type=float_list, metavar="LR,LR,...",
+                       help="choose the stacked LoRA's learning rate among these on the anchor pool's validation "
+                       "items (before --refit) and record it as the bank's fine-tune default (needs --validation-items)")
     build.add_argument("--no-select-fusion", dest="select_fusion", action="store_false",
                        help="keep --fusion-mode/--top-k/--residual-scale instead of choosing them on the validation items")
     build.add_argument("--name", help="bank name (default: the task)")
@@ -387,9 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task-epochs", type=int, default=2, help="task_lora epochs over the anchor pool")
     ev.add_argument("--user-epochs", type=int, default=3, help="oppu epochs over the few-shot set")
     ev.add_argument("--user-lr", type=float, default=2e-4, help="oppu learning rate")
-    ev.add_argument("--stack-lr", type=float, help="mta_stack learning rate (default: the server's MTA_FINETUNE_LEARNING_RATE)")
-    ev.add_argument("--stack-epochs", type=int, help="mta_stack epochs (default: the server's MTA_FINETUNE_EPOCHS)")
-    ev.add_argument("--stack-rank", type=int, help="mta_stack rank (default: the server's MTA_FINETUNE_RANK, 2; oppu: 8)")
+    ev.add_argument("--stack-lr", type=float, help="mta_stack learning rate (default: the bank's recorded choice, else the server's MTA_FINETUNE_LEARNING_RATE)")
+    ev.add_argument("--stack-epochs", type=int, help="mta_stack epochs (default: the bank's recorded choice, else the server's MTA_FINETUNE_EPOCHS)")
+    ev.add_argument("--stack-rank", type=int, help="mta_stack rank (default: the bank's recorded choice, else the server's MTA_FINETUNE_RANK, 2; oppu: 8)")
     ev.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of users")
     ev.add_argument("--threads", type=int, help="torch CPU threads for training")
     ev.add_argument("--history-template", help="generic tasks: history item template")

@@ -6,8 +6,9 @@ served by concatenating it onto the user's fused adapter (one adapter per reques
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 
 from server.adapters import LoraWeights, adapter_from_bytes, adapter_metadata, adapter_to_bytes
 from server.adapters.targets import ModelTargets
+from server.bank.manifest import StackingDefaults
 from server.prompts import retrieve_top1, user_content
 from server.settings import Settings
 from server.training import Example, TrainConfig, TrainResult, train_lora
@@ -89,25 +91,45 @@ def stacked_to_bytes(
     return adapter_to_bytes(lora, extra={"bank_version": bank_version, "job_id": job_id}, dtype=dtype)
 
 
-def stack_config(
-    settings: Settings, *, rank: int | None = None, learning_rate: float | None = None, epochs: int | None = None
-) -> TrainConfig:
-    """The stacked LoRA's recipe: the server's fine-tune defaults (`MTA_FINETUNE_*`), which
-    `mta eval`'s `mta_stack` trains with too; a request may override rank, lr and epochs.
+RECIPE_FIELDS = ("rank", "learning_rate", "epochs")  # what a request, the settings or a bank may set
 
-    alpha = 2 x rank, as every other LoRA of the project; lr 5e-4 was chosen over 2e-4 and 1e-3 on
-    the demo bank's anchor pool (scripts/choose_stacking_recipe.py, docs/results.md); the paper's
-    one step at 5e-5 does not move a rank-2 LoRA.
+
+def stack_config(
+    settings: Settings,
+    *,
+    rank: int | None = None,
+    learning_rate: float | None = None,
+    epochs: int | None = None,
+    bank: StackingDefaults | None = None,
+) -> TrainConfig:
+    """The stacked LoRA's recipe, which the server's fine-tunes and `mta eval`'s `mta_stack` share.
+
+    Each of rank, lr and epochs comes from the request if it gives one, else from `MTA_FINETUNE_*`
+    if set explicitly, else from the bank's recipe chosen on its anchor pool (`bank`, if it records
+    one), else from the `MTA_FINETUNE_*` defaults. alpha = 2 x rank, as every other LoRA of the
+    project; the default lr 5e-4 was chosen over 2e-4 and 1e-3 on the demo bank's anchor pool
+    (docs/results.md); the paper's one step at 5e-5 does not move a rank-2 LoRA.
     """
-    rank = rank or settings.finetune_rank
-    return TrainConfig(
+    given = {k: v for k, v in zip(RECIPE_FIELDS, (rank, learning_rate, epochs)) if v}
+    explicit = {k for k in RECIPE_FIELDS if f"finetune_{k}" in settings.model_fields_set}
+    rank = given.get("rank") or settings.finetune_rank
+    default = TrainConfig(
         rank=rank,
         alpha=2 * rank,
-        learning_rate=learning_rate or settings.finetune_learning_rate,
-        epochs=epochs or settings.finetune_epochs,
+        learning_rate=given.get("learning_rate") or settings.finetune_learning_rate,
+        epochs=given.get("epochs") or settings.finetune_epochs,
         batch_size=settings.finetune_batch_size,
         seed=settings.finetune_seed,
     )
+    return with_bank_recipe(default, bank, keep=set(given) | explicit)
+
+
+def with_bank_recipe(config: TrainConfig, bank: StackingDefaults | None, *, keep: Collection[str] = ()) -> TrainConfig:
+    """`config` with the bank's recorded recipe in every field of `RECIPE_FIELDS` not in `keep`."""
+    if bank is None:
+        return config
+    values = {k: getattr(bank, k) for k in RECIPE_FIELDS if k not in keep}
+    return dataclasses.replace(config, **values, alpha=2 * values.get("rank", config.rank))
 
 
 def training_examples(pairs: Sequence[tuple[str, str]], history: Sequence[str], rendered: Sequence[str]) -> list[Example]:

@@ -425,11 +425,14 @@ def test_the_shared_lora_alone_is_one_adapter_for_every_user(built_task, tiny_mo
             assert all(torch.equal(adapters[0].delta(m), bank.shared.delta(m)) for m in bank.shared.modules)
 
 
+STACKING_LRS = (1e-3, 3e-2)
+
+
 @pytest.fixture(scope="module")
 def built_refit(built_task, lamp_file, tiny_model_dir, embedder):
     """The same build with `refit`, in the same work directory (what it reuses is part of the contract)."""
     _, root = built_task
-    config = dataclasses.replace(TASK_CONFIG, refit=True)
+    config = dataclasses.replace(TASK_CONFIG, refit=True, stacking_lrs=STACKING_LRS)
     report = build_bank(
         lamp_file, root / "refit-bank", config, model_dir=tiny_model_dir, work_dir=root / "work", keep_work=True,
         embedder=embedder, progress=False,
@@ -460,9 +463,48 @@ def test_a_refit_retrains_every_lora_on_all_items_for_its_chosen_epochs(built_ta
     # `mta eval --folds 2` builds its second bank with the same recipe
     config = build_config_from_manifest(json.loads((refit.path / "manifest.json").read_text()), refit.path,
                                         holdout_fraction=0.0)  # fmt: skip
-    assert config.refit is True
+    assert config.refit is True and config.stacking_lrs == STACKING_LRS
     legacy = json.loads((validated.path / "manifest.json").read_text())
     assert build_config_from_manifest(legacy, validated.path, holdout_fraction=0.0).refit is False
+
+
+def test_the_stacking_recipe_is_chosen_on_the_anchor_pool_before_the_refit(built_task, built_refit, tiny_model_dir):
+    from server.bank.stacking_choice import FEW_SHOT
+    from server.settings import Settings
+    from server.stacking import stack_config
+
+    (validated, _), (refit, root) = built_task, built_refit
+    assert validated.manifest.stacking is None and "stacking_selection" not in validated.manifest.extra
+    m = refit.manifest
+    selection = m.extra["stacking_selection"]
+    pool = {str(u) for u in m.extra["split"]["anchor_pool"]}
+    assert selection["users"] > 0 and set(selection["user_ids"]) <= pool  # never a held-out user
+    assert selection["learning_rates"] == list(STACKING_LRS) and selection["few_shot"] == FEW_SHOT
+    names = [row["candidate"] for row in selection["table"]]
+    assert names == ["fused adapter alone", *(f"lr {lr:g}" for lr in STACKING_LRS), "oppu (rank 8 over the shared task LoRA)"]
+    losses = np.array(selection["user_losses"])
+    assert losses.shape == (len(names), selection["users"])
+    assert [row["validation_loss"] for row in selection["table"]] == pytest.approx(losses.mean(axis=1).tolist(), abs=1e-4)
+    best = STACKING_LRS[int(np.argmin(losses[1 : 1 + len(STACKING_LRS)].mean(axis=1)))]
+    default = stack_config(Settings.model_construct())
+    assert selection["chosen"] == {"rank": default.rank, "learning_rate": best, "epochs": default.epochs}
+    assert m.stacking is not None and m.stacking.model_dump() == selection["chosen"]
+    assert not np.allclose(losses[len(STACKING_LRS)], losses[0])  # a stacked LoRA moves the validation loss
+    # chosen over the validated LoRAs, before the refit: the record is the work directory's, computed once
+    record = json.loads((root / "work" / "records" / "stacking_selection.json").read_text())
+    assert record["record"] == selection
+    # the server and `mta eval` train with the bank's choice unless told otherwise
+    assert stack_config(Settings.model_construct(), bank=m.stacking).learning_rate == best
+    assert stack_config(Settings.model_construct(), learning_rate=0.5, bank=m.stacking).learning_rate == 0.5
+    assert stack_config(Settings(finetune_learning_rate=0.25), bank=m.stacking).learning_rate == 0.25
+    assert stack_config(Settings(finetune_epochs=7), bank=m.stacking).learning_rate == best
+
+
+def test_stacking_learning_rates_need_validation_items():
+    with pytest.raises(BankBuildError, match="validation items"):
+        dataclasses.replace(TASK_CONFIG, stacking_lrs=(1e-3,), validation_items=0)
+    with pytest.raises(BankBuildError, match=r"\(0, 1\]"):
+        dataclasses.replace(TASK_CONFIG, stacking_lrs=(0.0,))
 
 
 def test_a_refit_needs_validation_items():

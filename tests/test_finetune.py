@@ -168,3 +168,34 @@ def test_stacked_lora_after_bank_reload_is_stale_until_retrained(client, admin_h
     back = generate(client, "ft-stale")
     assert back["stacked"] is True and back["stacked_stale"] is False
     assert back["token_ids"] != fused_v1["token_ids"]
+
+
+def test_a_fine_tune_that_names_no_recipe_trains_with_the_banks_choice(client, admin_headers, make_bank, tiny_bank):
+    """A bank built with `--stacking-lrs` records the stacked LoRA's recipe its anchor pool chose;
+    the server's fine-tunes take it for every value the request (or MTA_FINETUNE_*) leaves unset."""
+    import json
+
+    from server.settings import Settings
+    from server.stacking import stack_config
+
+    default = stack_config(Settings.model_construct())
+    defaults = {"rank": default.rank, "learning_rate": default.learning_rate, "epochs": default.epochs}
+    assert client.get("/admin/bank", headers=admin_headers).json()["finetune_defaults"] == defaults
+    chosen = make_bank("tiny-stacking", bank_version="tiny-stacking")
+    manifest = json.loads((chosen / "manifest.json").read_text())
+    manifest["stacking"] = {"rank": 3, "learning_rate": 0.0123, "epochs": 2}
+    (chosen / "manifest.json").write_text(json.dumps(manifest))
+    put_profile(client, "ft-bank-recipe", PROFILES["space"])
+    try:
+        assert client.post("/admin/bank/reload", json={"path": str(chosen)}, headers=admin_headers).status_code == 200
+        bank = client.get("/admin/bank", headers=admin_headers).json()
+        assert bank["stacking"] == bank["finetune_defaults"] == manifest["stacking"]
+        job = client.post("/users/ft-bank-recipe/finetune", json={"examples": EXAMPLES[:2]}).json()
+        assert job["params"] == manifest["stacking"], job
+        assert wait_job(client, job["job_id"])["status"] == "succeeded"
+        job = client.post("/users/ft-bank-recipe/finetune", json={"examples": EXAMPLES[:2], "epochs": 1}).json()
+        assert job["params"] == {**manifest["stacking"], "epochs": 1}, job
+        assert wait_job(client, job["job_id"])["status"] == "succeeded"
+        assert generate(client, "ft-bank-recipe")["stacked"] is True
+    finally:
+        assert client.post("/admin/bank/reload", json={"path": str(tiny_bank)}, headers=admin_headers).status_code == 200

@@ -321,6 +321,13 @@ class BankView(BaseModel):
     fusion: dict[str, Any] = Field(description="The served fusion defaults (mode, top_k, residual_scale).")
     shared_lora: dict[str, Any] | None = Field(None, description="A warm-started bank's shared task LoRA: rank, targets.")
     task: dict[str, Any]
+    stacking: dict[str, Any] | None = Field(
+        None, description="The stacked LoRA's recipe chosen on the bank's anchor pool (rank, learning_rate, epochs)."
+    )
+    finetune_defaults: dict[str, Any] = Field(
+        description="What a fine-tune that names no rank, learning_rate or epochs trains with: MTA_FINETUNE_* set "
+        "explicitly, else the bank's `stacking`, else the MTA_FINETUNE_* defaults."
+    )
     anchors: list[dict[str, Any]] = Field(description="id, cluster_size, rank of every anchor.")
     top_k: int
     fusion_mode: str

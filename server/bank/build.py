@@ -68,6 +68,7 @@ from server.bank.manifest import (
     EmbeddingSpec,
     FusionDefaults,
     SharedLoraSpec,
+    StackingDefaults,
     TaskSpec,
 )
 from server.embedding import DEFAULT_EMBEDDING_MODEL
@@ -200,8 +201,12 @@ class BuildConfig:
     # on all its items (the validation items too) for its chosen epochs, and ship those: the
     # choice costs the bank no training data.
     refit: bool = False
+    # Choose the stacked LoRA's learning rate among these on the anchor pool, before any refit
+    # (`server.bank.stacking_choice`), and record it as the bank's stacking defaults; () = none.
+    stacking_lrs: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stacking_lrs", tuple(float(lr) for lr in self.stacking_lrs))
         if self.meta_data not in ("anchor", "cluster"):
             raise BankBuildError(f"meta-data must be 'anchor' or 'cluster', got {self.meta_data!r}")
         if self.init not in ("zero", "task", "continue"):
@@ -212,6 +217,11 @@ class BuildConfig:
             )
         if self.refit and self.validation_items == 0:
             raise BankBuildError("refit retrains for the epochs that validation chose: it needs validation items")
+        if self.stacking_lrs and (self.validation_items == 0 or not all(0 < lr <= 1 for lr in self.stacking_lrs)):
+            raise BankBuildError(
+                f"stacking learning rates must be in (0, 1] and need validation items, got {list(self.stacking_lrs)}"
+                f" with {self.validation_items} validation items"
+            )
         if self.dtype not in ("bf16", "fp32"):
             raise BankBuildError(f"dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
         if self.n_anchors < 1:
@@ -339,10 +349,10 @@ def build_bank(
         }
 
     fusion, selection = config.fusion, None
+    cluster_of = {u.user_id: c.id for c in clusters for u in c.members}
     if config.select_fusion and config.validation_items > 0 and len(clusters) > 1:
         from server.bank.selection import RULE, choose_fusion
 
-        cluster_of = {u.user_id: c.id for c in clusters for u in c.members}
         users_in = [(splits[u.user_id][0], validation[u.user_id], cluster_of[u.user_id]) for u in pool]
         selection = trainer.cached(
             "fusion_selection",
@@ -366,13 +376,17 @@ def build_bank(
         )  # fmt: skip
         fusion = FusionDefaults(**selection["chosen"])
 
+    stacking = None
+    if config.stacking_lrs:
+        stacking = _choose_stacking(trainer, config, embedder, pool, splits, clusters, records, shared, shared_record, fusion, cluster_of)
+
     if config.refit:
         shared_record = _refit(trainer, config, pool, clusters, records, shared_record)
 
     manifest = _manifest(
         config, data=data, users=users, pool=pool, held_out=held_out, clusters=clusters, records=records,
         model_id=model_id, embedding_dim=int(embeddings.shape[1]), fusion=fusion, selection=selection,
-        shared_record=shared_record, splits=splits,
+        shared_record=shared_record, splits=splits, stacking=stacking,
     )  # fmt: skip
     _write_bank(out, manifest, clusters, work / REFIT_DIR if config.refit else work, model_id, config.dtype)
     if not keep_work:
@@ -387,6 +401,44 @@ def _from_task_lora(config: BuildConfig, shared: Any, shared_record: dict[str, A
     if config.init == "continue":
         return {"start": (shared, shared_record)}
     return {}
+
+
+def _choose_stacking(
+    trainer: _CachedTrainer,
+    config: BuildConfig,
+    embedder: Any,
+    pool: Sequence[User],
+    splits: Mapping[Any, tuple[User, tuple[dict[str, Any], ...]]],
+    clusters: Sequence[Cluster],
+    records: dict[str, dict[str, Any]],
+    shared: Any,
+    shared_record: dict[str, Any] | None,
+    fusion: FusionDefaults,
+    cluster_of: Mapping[Any, str],
+) -> dict[str, Any]:
+    """The stacked LoRA's learning rate chosen on the pool, over the validated (not refit) LoRAs."""
+    from server.bank.stacking_choice import FEW_SHOT, choose_stacking
+    from server.settings import Settings
+    from server.stacking import stack_config
+
+    base = stack_config(Settings.model_construct()).with_targets(ModelTargets.of_module(trainer.model))
+    users = [(splits[u.user_id][0], splits[u.user_id][1], cluster_of[u.user_id]) for u in pool]
+    return trainer.cached(
+        "stacking_selection",
+        {
+            "anchors": {c.id: (c.embedding.tolist(), records[c.id]["fingerprint"]) for c in clusters},
+            "shared": shared_record["fingerprint"] if shared_record else None,
+            "users": [(u.user_id, u.profile, items, own) for u, items, own in users],
+            "fusion": fusion.model_dump(), "base": dataclasses.asdict(base), "lrs": config.stacking_lrs,
+            "few_shot": FEW_SHOT,
+        },
+        lambda: choose_stacking(
+            embedder, trainer.model, trainer.tokenizer, config.task, users=users,
+            anchors={c.id: (c.embedding, load_adapter(trainer.work / "loras" / c.id)) for c in clusters},
+            shared=shared if config.init == "task" else None, fusion=fusion, base=base,
+            learning_rates=config.stacking_lrs, progress=trainer.progress,
+        ),
+    )  # fmt: skip
 
 
 def _refit(
@@ -545,6 +597,7 @@ def _manifest(
     selection: dict[str, Any] | None,
     shared_record: dict[str, Any] | None,
     splits: Mapping[Any, tuple[User, tuple[dict[str, Any], ...]]],
+    stacking: dict[str, Any] | None = None,
 ) -> BankManifest:
     task, train = config.task, config.train
     settings = {
@@ -565,6 +618,7 @@ def _manifest(
         "select_fusion": config.select_fusion,
         "max_fused_rank": config.max_fused_rank,
         "refit": config.refit,
+        **({"stacking_lrs": list(config.stacking_lrs)} if config.stacking_lrs else {}),
     }
     data_info = {"file": data.name, "sha256": sha256_file(data), "users": len(users)}
     # the served defaults too: a rule that chooses them differently serves another bank
@@ -597,6 +651,7 @@ def _manifest(
         task=TaskSpec(name=task.name, history_template=task.history_template),
         lora_init_seed=train.seed,
         shared_lora=shared,
+        stacking=StackingDefaults(**stacking["chosen"]) if stacking else None,
         anchors=[
             AnchorSpec(
                 id=c.id, cluster_size=len(c.members), rank=train.rank, target_modules=targets, lora_path=f"loras/{c.id}"
@@ -655,6 +710,7 @@ def _manifest(
                 "max_fused_rank": config.max_fused_rank,
                 **(selection or {}),
             },
+            **({"stacking_selection": stacking} if stacking else {}),
             "anchors": {c.id: records[c.id] for c in clusters},
         },
     )

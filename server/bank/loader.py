@@ -52,6 +52,7 @@ class Bank:
             "fusion": {**m.fusion.model_dump(), "residual_scale": self.residual_scale},
             "shared_lora": m.shared_lora.model_dump(include={"rank", "target_modules"}) if m.shared_lora else None,
             "task": m.task.model_dump(),
+            "stacking": m.stacking.model_dump() if m.stacking else None,
             "anchors": [a.model_dump(include={"id", "cluster_size", "rank"}) for a in m.anchors],
         }
 

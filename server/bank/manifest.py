@@ -31,6 +31,16 @@ class FusionDefaults(_Strict):
     )
 
 
+class StackingDefaults(_Strict):
+    """The stacked LoRA's recipe chosen on the bank's anchor pool (`mta bank build --stacking-lrs`):
+    what the server's fine-tunes and `mta eval`'s `mta_stack` train with unless the request (or an
+    explicitly set `MTA_FINETUNE_*`) says otherwise. Banks without one: the `MTA_FINETUNE_*` defaults."""
+
+    rank: int = Field(ge=1, le=16)
+    learning_rate: float = Field(gt=0, le=1)
+    epochs: int = Field(ge=1, le=20)
+
+
 class TaskSpec(_Strict):
     """How history items are rendered to text (for embedding and for the BM25 prompt context)."""
 
@@ -80,6 +90,7 @@ class BankManifest(_Strict):
     shared_lora: SharedLoraSpec | None = Field(
         None, description="Set when every anchor's LoRA is a residual over this shared (task) LoRA."
     )
+    stacking: StackingDefaults | None = None
     extra: dict = Field(default_factory=dict, description="Free-form build metadata (split, data, training).")
 
     @field_validator("format_version")

@@ -66,6 +66,24 @@ def _neighbours(embedding: np.ndarray, anchors: Mapping[str, tuple[np.ndarray, L
     return [ids[i] for i in order], [float(sims[i]) for i in order]
 
 
+def fused_without_own(
+    embedding: np.ndarray,
+    anchors: Mapping[str, tuple[np.ndarray, LoraWeights]],
+    own: str,
+    defaults: FusionDefaults,
+    shared: LoraWeights | None,
+) -> LoraWeights:
+    """An anchor-pool user's fused adapter under `defaults`, as the server would fuse it, with its
+    own cluster's anchor left out (that meta-LoRA saw the user's data)."""
+    ids, sims = _neighbours(embedding, anchors, own, defaults.top_k)
+    weights = anchor_weights(sims, None, WEIGHT_ROUND_STEP)
+    kept = [(a, w) for a, w in zip(ids, weights) if w > 0]
+    return fuse(
+        defaults.mode, [anchors[a][1] for a, _ in kept], [w for _, w in kept],
+        shared=shared, residual_scale=defaults.residual_scale,
+    )  # fmt: skip
+
+
 def choose_fusion(
     embedder: Any,
     model: Any,
@@ -98,14 +116,7 @@ def choose_fusion(
         embedding = embedder.embed_user([task.render(item) for item in user.profile])
         jobs = []
         for c in grid:
-            ids, sims = _neighbours(embedding, anchors, own, c.top_k)
-            weights = anchor_weights(sims, None, WEIGHT_ROUND_STEP)
-            kept = [(a, w) for a, w in zip(ids, weights) if w > 0]
-            adapter = fuse(
-                c.mode, [anchors[a][1] for a, _ in kept], [w for _, w in kept],
-                shared=shared, residual_scale=c.residual_scale,
-            )  # fmt: skip
-            jobs.append((validation, adapter))
+            jobs.append((validation, fused_without_own(embedding, anchors, own, c, shared)))
         if reference is not None:
             jobs.append((validation, reference))
         scored = mean_losses(model, tokenizer, jobs, max_length=max_length)

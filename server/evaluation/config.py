@@ -34,7 +34,9 @@ class EvalConfig:
     dtype: str = "bfloat16"  # vLLM's
     task_train: TrainConfig = field(default_factory=TrainConfig)
     oppu_train: TrainConfig = field(default_factory=lambda: TrainConfig(rank=8, alpha=16, epochs=3, batch_size=2))
-    stack_train: TrainConfig = field(default_factory=lambda: stack_config(Settings.model_construct()))  # the server's
+    # the server's defaults with the command line's values; a bank's recorded choice fills the rest
+    stack_train: TrainConfig = field(default_factory=lambda: stack_config(Settings.model_construct()))
+    stack_given: frozenset[str] = frozenset()  # of `server.stacking.RECIPE_FIELDS`: set on the command line
     resamples: int = 1000
     seed: int = 0
     folds: int = 1  # 2: also swap anchor pool and held-out users (a second bank), to evaluate every user

@@ -105,6 +105,7 @@ def build_config_from_manifest(manifest: dict[str, Any], bank: Path | str, *, ho
         select_fusion=get("extra.fusion_selection.enabled"),
         max_fused_rank=get("extra.fusion_selection.max_fused_rank"),
         refit=bool(get("extra.training").get("refit")),  # banks from before `refit` record none: not refit
+        stacking_lrs=tuple((get("extra").get("stacking_selection") or {}).get("learning_rates", ())),
     )
 
 

@@ -31,6 +31,7 @@ from server.adapters import (
     save_adapter,
     stack,
 )
+from server.bank.manifest import StackingDefaults
 from server.evaluation.config import EvalConfig
 from server.evaluation.folds import Fold, make_folds, read_manifest_json
 from server.evaluation.methods import COMPARISONS, Fused
@@ -38,6 +39,8 @@ from server.evaluation.metrics import METRICS, bootstrap_ci, normalize_label, pa
 from server.evaluation.protocol import EvalUser, eval_users, load_task_users
 from server.lamp_data import leave_one_out_examples
 from server.settings import ALLOWED_MAX_LORA_RANKS, Settings
+from server.stacking import with_bank_recipe
+from server.training import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,14 @@ class AdapterBuilder:
         """The bank's version from its manifest: cache fingerprints need it, not the loaded bank."""
         assert self.cfg.bank is not None
         return read_manifest_json(self.cfg.bank)["bank_version"]
+
+    @functools.cached_property
+    def stack_train(self) -> TrainConfig:
+        """`mta_stack`'s recipe on this fold's bank, as the server's fine-tune resolves it: the
+        values given on the command line, else the bank's recorded choice, else the defaults."""
+        recorded = read_manifest_json(self.cfg.bank).get("stacking") if self.cfg.bank is not None else None
+        stacking = StackingDefaults(**recorded) if recorded else None
+        return with_bank_recipe(self.cfg.stack_train, stacking, keep=self.cfg.stack_given)
 
     # --- cache --------------------------------------------------------------------------
 
@@ -205,7 +216,7 @@ class AdapterBuilder:
         """The server's fine-tune: a stacked LoRA trained over the fused adapter, stored as the server stores it."""
         from server.stacking import stacked_to_bytes, train_stacked
 
-        examples, train = user.training_examples(self.cfg.task), self.cfg.stack_train
+        examples, train = user.training_examples(self.cfg.task), self.stack_train
         few = {"train": dataclasses.asdict(train), "ex": [dataclasses.astuple(e) for e in examples], "few": user.few_shot}
         fp = _digest({**self._bank_fingerprint(method), **few})
 
@@ -451,6 +462,7 @@ def fold_breakdown(
                 "fold": fold.index,
                 "bank": str(fold.bank) if fold.bank else None,
                 "bank_version": read_manifest_json(fold.bank)["bank_version"] if fold.bank else None,
+                "bank_stacking": read_manifest_json(fold.bank).get("stacking") if fold.bank else None,
                 "anchor_pool_users": len(fold.pool),
                 "n_users": len(users),
                 "n_points": n,

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from server.api.deps import AdminDep, ServicesDep
 from server.api.errors import error_responses
 from server.api.schemas import BankView, ReloadRequest, ReloadView
+from server.stacking import stack_config
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep], responses=error_responses(401, 403))
 
@@ -17,8 +18,10 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep], res
 async def get_bank(services: ServicesDep) -> dict:
     served = services.banks.current
     cache = services.cache
+    recipe = stack_config(services.settings, bank=served.bank.manifest.stacking)
     return {
         **served.bank.summary(),
+        "finetune_defaults": {"rank": recipe.rank, "learning_rate": recipe.learning_rate, "epochs": recipe.epochs},
         "top_k": served.top_k,
         "fusion_mode": served.mode,
         "adapter_cache": {

@@ -9,6 +9,7 @@ from server.api.errors import error_responses
 from server.api.links import JOB_LINKS
 from server.api.schemas import FinetuneRequest, JobView
 from server.jobs import FinetuneParams
+from server.stacking import stack_config
 
 router = APIRouter(tags=["finetune"])
 
@@ -18,12 +19,11 @@ router = APIRouter(tags=["finetune"])
     responses={202: JOB_LINKS, **error_responses(400, 404, 409, 422, 429, 503)},
 )  # fmt: skip
 async def finetune(body: FinetuneRequest, services: ServicesDep, response: Response, user_id: str = UserIdPath) -> dict:
-    s = services.settings
-    params = FinetuneParams(
-        epochs=body.epochs or s.finetune_epochs,
-        rank=body.rank or s.finetune_rank,
-        learning_rate=body.learning_rate or s.finetune_learning_rate,
-    )
+    recipe = stack_config(  # the request's values, else the settings' or the bank's recorded choice
+        services.settings, rank=body.rank, learning_rate=body.learning_rate, epochs=body.epochs,
+        bank=services.banks.current.bank.manifest.stacking,
+    )  # fmt: skip
+    params = FinetuneParams(epochs=recipe.epochs, rank=recipe.rank, learning_rate=recipe.learning_rate)
     pairs = [(e.input, e.output) for e in body.examples]
     job = await services.jobs.submit(user_id, pairs, params, body.add_to_profile)
     response.headers["Location"] = f"/jobs/{job['job_id']}"
