@@ -468,7 +468,7 @@ def test_a_refit_retrains_every_lora_on_all_items_for_its_chosen_epochs(built_ta
     assert build_config_from_manifest(legacy, validated.path, holdout_fraction=0.0).refit is False
 
 
-def test_the_stacking_recipe_is_chosen_on_the_anchor_pool_before_the_refit(built_task, built_refit, tiny_model_dir):
+def test_the_stacking_recipe_is_chosen_on_the_anchor_pool_before_the_refit(built_task, built_refit, tiny_model_dir, capsys):
     from server.bank.stacking_choice import FEW_SHOT
     from server.settings import Settings
     from server.stacking import stack_config
@@ -498,6 +498,11 @@ def test_the_stacking_recipe_is_chosen_on_the_anchor_pool_before_the_refit(built
     assert stack_config(Settings.model_construct(), learning_rate=0.5, bank=m.stacking).learning_rate == 0.5
     assert stack_config(Settings(finetune_learning_rate=0.25), bank=m.stacking).learning_rate == 0.25
     assert stack_config(Settings(finetune_epochs=7), bank=m.stacking).learning_rate == best
+    mta(["bank", "show", str(refit.path)])  # the choice, its table, the chosen row marked
+    text = capsys.readouterr().out
+    assert f"rank {default.rank}, lr {best}, {default.epochs} epochs" in text
+    (row,) = [ln for ln in text.splitlines() if ln.strip().startswith("lr ") and ln.endswith("<- chosen")]
+    assert row.split()[:2] == ["lr", f"{best:g}"]
 
 
 def test_stacking_learning_rates_need_validation_items():

@@ -134,6 +134,7 @@ def test_show_the_demo_bank_prints_the_recipe_anchors_curves_and_fusion_choice(c
     assert len(rows) == len(grid)
     assert sum("not eligible" in r for r in rows) == sum(g["served_rank"] > 14 for g in grid) == 3
     assert "2 history items, held out of every training (36 users, 72 items)" in line_of(text, "items")
+    assert "none recorded: the server's MTA_FINETUNE_* defaults" in text  # built before --stacking-lrs
     assert "not recorded" not in text
 
 

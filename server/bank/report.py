@@ -95,6 +95,7 @@ def describe_bank(path: str | os.PathLike[str]) -> dict[str, Any]:
         "anchors": anchors,
         "validation": _dict(extra.get("validation")) or None,
         "fusion_selection": _dict(extra.get("fusion_selection")) or None,
+        "stacking_selection": _dict(extra.get("stacking_selection")) or None,
     }
 
 
@@ -388,7 +389,28 @@ def format_bank(info: Mapping[str, Any]) -> str:
         reference = _dict(selection.get("reference"))
         if _is_num(reference.get("validation_loss")):
             lines.append(f"    task LoRA alone (not served): validation_loss {reference['validation_loss']:.4f}")
+    lines += _stacking_lines(info)
     return "\n".join(lines)
+
+
+def _stacking_lines(info: Mapping[str, Any]) -> list[str]:
+    """The stacked LoRA's recipe: the bank's choice and its table, or the server's defaults."""
+    chosen, selection = _dict(info.get("stacking")), _dict(info.get("stacking_selection"))
+    lines = ["", "Stacked LoRA (fine-tune defaults)"]
+    if not chosen:
+        return lines + ["  none recorded: the server's MTA_FINETUNE_* defaults (mta bank build --stacking-lrs chooses one)"]
+    text = f"rank {chosen.get('rank')}, lr {chosen.get('learning_rate')}, {chosen.get('epochs')} epochs"
+    lines += _fields(
+        [("chosen", text), ("rule", _str(selection.get("rule"))), ("users", _str(selection.get("users"))),
+         ("criterion", _str(selection.get("criterion")))],
+        indent="  ",
+    )  # fmt: skip
+    rows = [["candidate", "validation_loss", "vs fused alone [95%]", ""]]
+    for r in (_dict(r) for r in _list(selection.get("table"))):
+        loss = r.get("validation_loss")
+        mark = "<- chosen" if r.get("candidate") == f"lr {chosen.get('learning_rate'):g}" else ""
+        rows.append([_str(r.get("candidate")), f"{loss:.4f}" if _is_num(loss) else _str(loss), _interval(r.get("vs_fused")), mark])
+    return lines + [""] + _table(rows, right={1, 2}, indent="    ")
 
 
 def _interval(values: Any) -> str:
