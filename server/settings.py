@@ -92,13 +92,16 @@ class Settings(BaseSettings):
     finetune_queue_size: int = Field(16, ge=1, description="Queued fine-tune jobs before 429.")
     finetune_max_examples: int = Field(64, ge=1)
     finetune_max_example_chars: int = Field(8000, ge=1, description="Characters in one example (input + output).")
-    # The stacked LoRA's defaults, also `mta eval`'s mta_stack (docs/results.md): rank 2 stores 1/4 of a
-    # rank-8 per-user LoRA; the paper's recipe (rank 4, lr 5e-5, 1 epoch) is one optimizer step on 5 examples.
-    finetune_rank: int = Field(2, ge=1, le=16, description="Default stacked LoRA rank (paper: 4).")
-    finetune_learning_rate: float = Field(
-        5e-4, gt=0, description="Default learning rate (paper: 5e-5; chosen on the demo bank's anchor pool, docs/results.md)."
+    # The stacked LoRA's recipe for fine-tunes that name none, also `mta eval`'s mta_stack. Unset: the
+    # bank's choice (`mta bank build --stacking-lrs`), else rank 2 (1/4 of a rank-8 per-user LoRA's
+    # bytes), lr 5e-4 (chosen on the demo bank's anchor pool, docs/results.md), 3 epochs
+    # (`server.stacking.DEFAULT_RECIPE`); the paper's recipe (rank 4, lr 5e-5, 1 epoch) is one
+    # optimizer step on 5 examples.
+    finetune_rank: int | None = Field(None, ge=1, le=16, description="Stacked LoRA rank (unset: the bank's, else 2).")
+    finetune_learning_rate: float | None = Field(
+        None, gt=0, description="Stacked LoRA learning rate (unset: the bank's, else 5e-4)."
     )
-    finetune_epochs: int = Field(3, ge=1, le=20, description="Default epochs (paper: 1).")
+    finetune_epochs: int | None = Field(None, ge=1, le=20, description="Stacked LoRA epochs (unset: the bank's, else 3).")
     finetune_batch_size: int = Field(2, ge=1)
     finetune_seed: int = 0
     job_stale_seconds: float = Field(300, gt=0, description="A running job with no heartbeat for this long failed.")

@@ -92,6 +92,9 @@ def stacked_to_bytes(
 
 
 RECIPE_FIELDS = ("rank", "learning_rate", "epochs")  # what a request, the settings or a bank may set
+# alpha = 2 x rank, as every other LoRA of the project; lr 5e-4 was chosen over 2e-4 and 1e-3 on the
+# demo bank's anchor pool (docs/results.md); the paper's one step at 5e-5 does not move a rank-2 LoRA.
+DEFAULT_RECIPE = {"rank": 2, "learning_rate": 5e-4, "epochs": 3}
 
 
 def stack_config(
@@ -105,23 +108,21 @@ def stack_config(
     """The stacked LoRA's recipe, which the server's fine-tunes and `mta eval`'s `mta_stack` share.
 
     Each of rank, lr and epochs comes from the request if it gives one, else from `MTA_FINETUNE_*`
-    if set explicitly, else from the bank's recipe chosen on its anchor pool (`bank`, if it records
-    one), else from the `MTA_FINETUNE_*` defaults. alpha = 2 x rank, as every other LoRA of the
-    project; the default lr 5e-4 was chosen over 2e-4 and 1e-3 on the demo bank's anchor pool
-    (docs/results.md); the paper's one step at 5e-5 does not move a rank-2 LoRA.
+    if set, else from the recipe the bank's anchor pool chose (`bank`, if it records one), else
+    from `DEFAULT_RECIPE`.
     """
-    given = {k: v for k, v in zip(RECIPE_FIELDS, (rank, learning_rate, epochs)) if v}
-    explicit = {k for k in RECIPE_FIELDS if f"finetune_{k}" in settings.model_fields_set}
-    rank = given.get("rank") or settings.finetune_rank
+    given = {k: v for k, v in zip(RECIPE_FIELDS, (rank, learning_rate, epochs)) if v is not None}
+    configured = {k: v for k in RECIPE_FIELDS if (v := getattr(settings, f"finetune_{k}")) is not None}
+    recipe = {**DEFAULT_RECIPE, **configured, **given}
     default = TrainConfig(
-        rank=rank,
-        alpha=2 * rank,
-        learning_rate=given.get("learning_rate") or settings.finetune_learning_rate,
-        epochs=given.get("epochs") or settings.finetune_epochs,
+        rank=recipe["rank"],
+        alpha=2 * recipe["rank"],
+        learning_rate=recipe["learning_rate"],
+        epochs=recipe["epochs"],
         batch_size=settings.finetune_batch_size,
         seed=settings.finetune_seed,
     )
-    return with_bank_recipe(default, bank, keep=set(given) | explicit)
+    return with_bank_recipe(default, bank, keep=set(given) | set(configured))
 
 
 def with_bank_recipe(config: TrainConfig, bank: StackingDefaults | None, *, keep: Collection[str] = ()) -> TrainConfig:
