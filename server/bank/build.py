@@ -25,15 +25,16 @@ Steps (docs/architecture.md, section 1):
    reports each candidate against the task LoRA alone (`reference`).
    With `validation_items`, each pool user's last items are held out of all training: every
    training stops on their loss (best epoch kept), and the fusion defaults are chosen on
-   them (`server.bank.selection`). The manifest records the recipe, curves and choice.
-   `refit` then retrains every LoRA on all its items for the epochs chosen, so the choice
+   them (`server.bank.selection`); with `stacking_lrs`, so is the per-user stacked LoRA's
+   learning rate (`server.bank.stacking_choice`). The manifest records the recipe, curves and
+   choices. `refit` then retrains every LoRA on all its items for the epochs chosen, so the choice
    costs the shipped bank none of its training data.
 6. Write the bank (manifest.json, anchor_embeddings.npy, loras/<anchor>/, shared/) into a
    temporary directory beside `out` and rename it into place.
 
 Resumable: each trained meta-LoRA is kept in a work directory with a fingerprint of
 everything it depends on (model, training config, examples); a rerun skips anchors whose
-fingerprint matches (the fusion-default choice is kept the same way). Deterministic: the
+fingerprint matches (the fusion-default and stacking choices are kept the same way). Deterministic: the
 same data, model and settings give the same anchors and a byte-identical manifest
 (`bank_version` is a digest of the inputs; no timestamps).
 """
