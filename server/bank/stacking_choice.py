@@ -91,7 +91,9 @@ def choose_stacking(
             row["vs_fused"] = [round(v, 4) for v in paired_interval(table[i] - table[0])]
         rows.append(row)
     return {
-        "criterion": __doc__.split("\n\n")[1].replace("\n", " "),
+        "criterion": f"mean over anchor-pool users of the answer loss on their validation items; each user's "
+        f"stacked LoRA trained on its first {few_shot} training items over its fused adapter (its own cluster's "
+        "anchor left out), before any refit",
         "rule": RULE,
         "learning_rates": list(learning_rates),
         "recipe": {k: v for k, v in dataclasses.asdict(base).items() if k != "target_modules"},
