@@ -310,3 +310,37 @@ def test_two_folds_need_a_bank_that_records_its_build_settings(tiny_bank):
 
     with pytest.raises(BankBuildError, match="does not record the setting `extra.training.config`"):
         fold2_build_config(tiny_bank)  # a random demo bank: nothing to rebuild it with
+
+
+def test_mta_stack_trains_with_each_folds_bank_recipe_unless_given(tmp_path, tiny_bank, tiny_model_dir):
+    """As the server's fine-tune: the command line's values, else the fold's bank's recorded
+    choice (`--stacking-lrs`), else the defaults; fold 2's bank records its own pool's choice."""
+    import dataclasses
+    import shutil
+
+    from server.evaluation.config import EvalConfig
+    from server.evaluation.runner import AdapterBuilder
+    from server.settings import Settings
+    from server.stacking import stack_config
+
+    chosen = tmp_path / "bank"
+    shutil.copytree(tiny_bank, chosen)
+    manifest = json.loads((chosen / "manifest.json").read_text())
+    manifest["stacking"] = {"rank": 3, "learning_rate": 0.0123, "epochs": 4}
+    (chosen / "manifest.json").write_text(json.dumps(manifest))
+    cfg = EvalConfig(
+        task=TASKS["movie_tagging"], data=tmp_path / "users.json", out=tmp_path, methods=(),
+        model_dir=tiny_model_dir, model_id=tiny_model_dir.name, bank=chosen,
+    )  # fmt: skip
+
+    def recipe(config: EvalConfig) -> tuple:
+        train = AdapterBuilder(config, tmp_path / "work", []).stack_train
+        return train.rank, train.alpha, train.learning_rate, train.epochs
+
+    assert recipe(cfg) == (3, 6, 0.0123, 4)
+    given = dataclasses.replace(
+        cfg, stack_train=stack_config(Settings.model_construct(), learning_rate=0.5), stack_given=frozenset({"learning_rate"})
+    )
+    assert recipe(given) == (3, 6, 0.5, 4)
+    default = cfg.stack_train
+    assert recipe(dataclasses.replace(cfg, bank=tiny_bank)) == (default.rank, default.alpha, default.learning_rate, default.epochs)

@@ -507,7 +507,8 @@ def score_run(
             "dtype": cfg.dtype,
             "task_lora": dataclasses.asdict(cfg.task_train),
             "oppu": dataclasses.asdict(cfg.oppu_train),
-            "mta_stack": dataclasses.asdict(cfg.stack_train),
+            # without a bank's recorded recipe; a fold's bank_stacking replaces what was not given
+            "mta_stack": {**dataclasses.asdict(cfg.stack_train), "given": sorted(cfg.stack_given)},
             "bootstrap_resamples": cfg.resamples,
         },
     }
