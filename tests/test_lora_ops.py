@@ -3,6 +3,8 @@ platform plugin that selects it, and the server with it on and off."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -514,13 +516,14 @@ def fused_calls(installed, monkeypatch) -> list[int]:
     if kernel.build() is None:
         missing("kernel", "the C++ kernel cannot be built here (no AVX512-BF16 or no compiler)")
     calls: list[int] = []
-    real = kernel.lora_linear
+    for name in ("lora_linear", "lora_linear_packed"):
+        real = getattr(kernel, name)
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+        def counted(*args, real=real, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(kernel, "lora_linear", counted)
+        monkeypatch.setattr(kernel, name, counted)
     return calls
 
 
@@ -561,12 +564,51 @@ def test_fused_lora_linear_is_exact_to_its_two_roundings(fused_calls):
             h = (x[t].double() @ ai[s, 0].double().T * 0.5).bfloat16().double()
             expected[t, offset : offset + size] += h @ bi[s, 0].double().T
             offset += size
-    for paired in (False, True):
-        weights = kernel.packed.get(module, a, b) if paired else (a, b)
+    for packed in (False, True):
         actual = y.clone()
-        module.lora_linear(x, actual, weights[0], weights[1], outs, rows, slots, 0.5, paired)
+        if packed:
+            kernel.lora_linear_packed(module, x, actual, kernel.packed.get(module, a, b), outs, Plan(rows, slots), 0.5)
+        else:
+            kernel.lora_linear(module, x, actual, a, b, outs, Plan(rows, slots), 0.5)
         assert rel_err(actual.double(), expected.bfloat16().double()) <= 2**-8
         assert torch.equal(actual[[1, 4]], y[[1, 4]])
+
+
+@dataclasses.dataclass
+class Plan:  # the two fields of `ops._Plan` the kernel reads
+    token_rows: torch.Tensor
+    token_slots: torch.Tensor
+
+
+def test_the_packed_kernel_reads_only_each_slots_used_rank_and_gives_the_same_bits(fused_calls):
+    """vLLM pads an adapter of lower rank with zeros up to the slot's rank: the packed copy finds
+    each slot's used rank and keeps only that (rounded up to even), and its result is bit for bit
+    the one of the same weights packed at the full rank."""
+    module = kernel.get()
+    outs = (160, 48, 48)
+    a, b = kernel_weights(outs, 16, seed=21)
+    for s, used in enumerate((5, 16, 8)):  # slot 3 stays empty (kernel_weights)
+        for t in a:
+            t[s, :, used:] = 0
+        for t in b:
+            t[s, ..., used:] = 0
+    layer = kernel.packed.get(module, a, b)
+    assert layer.ranks.tolist() == [5, 16, 8, 0]
+    assert torch.equal(layer.block[2, : 8 * (3 * KERNEL_IN + sum(outs))], kernel.pack_slots(a, b, 8)[2])
+    full = kernel.PackedLayer(kernel.pack_slots(a, b, 16), torch.full((4,), 16), outs)
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(8, KERNEL_IN, generator=g).bfloat16()
+    y = torch.randn(8, sum(outs), generator=g).bfloat16()
+    plan = Plan(torch.arange(8), torch.tensor([0, 1, 2, 3, 2, 0, 1, 3]))
+    ranked, reference = y.clone(), y.clone()
+    kernel.lora_linear_packed(module, x, ranked, layer, outs, plan, 0.5)
+    kernel.lora_linear_packed(module, x, reference, full, outs, plan, 0.5)
+    assert torch.equal(ranked, reference) and not torch.equal(ranked, y)
+    assert torch.equal(ranked[[3, 7]], y[[3, 7]])  # the empty slot adds nothing
+    for t in (*a, *b):  # vLLM's reset_lora, then an adapter of rank 2 in slot 1
+        t[1] = 0
+    a[0][1, 0, 1, :3] = 1.0
+    assert kernel.packed.get(module, a, b).ranks.tolist() == [5, 2, 8, 0]
 
 
 def test_fused_lora_linear_follows_weight_and_metadata_updates(fused_calls):
@@ -592,6 +634,38 @@ def test_fused_lora_linear_follows_weight_and_metadata_updates(fused_calls):
             stock_y = layer_output(wrapper, x, a, b, outs, y0)
         assert rel_err(ours_y.float(), stock_y.float()) <= 2**-7, ids
     assert len(fused_calls) == len(steps)
+
+
+def test_loading_one_adapter_repacks_only_its_slot(fused_calls):
+    """vLLM loads an adapter into one slot and says so in the step's `lora_index_to_id`: only that
+    slot of the packed copy is rewritten (one slot's copy per layer, not all of them); a write the
+    slot ids do not explain repacks every slot. Outputs follow vLLM's ops throughout."""
+    from vllm.lora.layers.utils import LoRAMapping
+
+    outs = (160, 48, 48)
+    a, b = kernel_weights(outs, 16, seed=29)
+    g = torch.Generator().manual_seed(31)
+    wrapper = punica_wrapper([11])
+
+    def step(slot_ids: list[int], token_ids: list[int]) -> int:
+        before = kernel.packed.slots_packed
+        wrapper.update_metadata(LoRAMapping(token_ids, token_ids, is_prefill=True), slot_ids, len(slot_ids), 100)
+        x = torch.randn(len(token_ids), KERNEL_IN, generator=g).bfloat16()
+        y0 = torch.randn(len(token_ids), sum(outs), generator=g).bfloat16()
+        ours_y = layer_output(wrapper, x, a, b, outs, y0)
+        with vllm_stock(wrapper):
+            stock_y = layer_output(wrapper, x, a, b, outs, y0)
+        assert rel_err(ours_y.float(), stock_y.float()) <= 2**-7, token_ids
+        return kernel.packed.slots_packed - before
+
+    assert step([11, 12, 13, 14], [11, 12, 13, 14, 11]) == 4  # first use: every slot
+    for t in (*a, *b):  # adapter 15 (rank 4) replaces 13 in slot 2, as vLLM's reset_lora + set_lora
+        t[2] = 0
+        t[2, ..., :4, :] = (torch.randn_like(t[2, ..., :4, :].float(), generator=g) * 0.2).bfloat16()
+    assert step([11, 12, 15, 14], [15, 11, 15, 14]) == 1
+    assert step([11, 12, 15, 14], [15, 12]) == 0  # nothing written
+    a[0][1, 0, :2] = 0.5  # a write the slot ids do not explain
+    assert step([11, 12, 15, 14], [12, 15]) == 4
 
 
 def test_fused_lora_linear_without_version_counters_reads_vllms_weights(fused_calls):

@@ -12,6 +12,7 @@
 
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -158,6 +159,92 @@ Weights weights_of(const torch::Tensor& w) {
   return {reinterpret_cast<const uint16_t*>(w.data_ptr()), w.stride(0), w.stride(-2), w.size(-2), w.size(-1)};
 }
 
+struct SliceAt {  // one slice's weights for one slot: A [rank, in] rows, B natural [out, r] rows or paired
+  const uint16_t* a;
+  int64_t a_row;
+  const uint16_t* b;
+  int64_t b_row;
+};
+
+// One token's whole layer: h_i = bf16(scale * x @ A_i[:rank].T), y[slice i] += h_i @ B_i.T.
+// r is B's layout rank (its row length, or the paired tiles' k); rank <= r rows of A are read,
+// the rest of h is zero (paired: only the first ceil(rank / 2) pairs of each tile are read).
+void token_linear(const uint16_t* xr, uint16_t* yr, int64_t in, const std::vector<SliceAt>& at,
+                  const std::vector<int64_t>& sizes, int64_t r, int64_t rank, float scale, bool paired, float* acc,
+                  uint16_t* h, __m512i* hp) {
+  const size_t n_slices = at.size();
+  const int64_t pairs = (rank + 1) / 2;
+  for (size_t i = 0; i < n_slices; ++i) {  // shrink
+    rows_wide(xr, at[i].a, at[i].a_row, in, rank, acc);
+    for (int64_t k = 0; k < r; ++k) {
+      h[i * r + k] = k < rank ? c10::BFloat16(scale * acc[k]).x : 0;
+    }
+  }
+  int64_t offset = 0;
+  for (size_t i = 0; i < n_slices; ++i) {  // expand
+    const uint16_t* hi = h + i * r;
+    const uint16_t* w = at[i].b;
+    const int64_t w_row = at[i].b_row;  // natural layout
+    uint16_t* dst = yr + offset;
+    const int64_t out = sizes[i];
+    int64_t o = 0;
+    if (paired) {
+      for (int64_t p = 0; p < pairs; ++p) {  // (h[2p], h[2p+1]) in every 32-bit lane
+        uint32_t pair;
+        std::memcpy(&pair, hi + 2 * p, sizeof(pair));
+        hp[p] = _mm512_set1_epi32(static_cast<int>(pair));
+      }
+      for (; o + 64 <= out; o += 64) {  // full tiles
+        __m512 sums[4];
+        expand_paired<4>(hp, pairs, w + o * r, 128, sums);
+        for (int q = 0; q < 4; ++q) add_store(dst + o + 16 * q, sums[q]);
+      }
+      const int64_t tile = out - o, tail_row = 2 * tile;  // the last, narrower tile
+      const uint16_t* wt = w + o * r;
+      int64_t c = 0;
+      for (; c + 16 <= tile; c += 16) {
+        __m512 sum;
+        expand_paired<1>(hp, pairs, wt + 2 * c, tail_row, &sum);
+        add_store(dst + o + c, sum);
+      }
+      for (; c < tile; ++c) {  // the rest one output at a time
+        float sum = 0.f;
+        for (int64_t p = 0; p < pairs; ++p) {
+          const uint16_t* e = wt + p * tail_row + 2 * c;
+          sum += bf16_value(hi[2 * p]) * bf16_value(e[0]) + bf16_value(hi[2 * p + 1]) * bf16_value(e[1]);
+        }
+        dst[o + c] = c10::BFloat16(bf16_value(dst[o + c]) + sum).x;
+      }
+    } else {
+      if (r == 16 && w_row == 16) {
+        const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi));
+        const __m512i hh = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
+        for (; o + 16 <= out; o += 16) add_store(dst + o, expand16(hh, w + o * 16));
+      }
+      for (; o < out; ++o) {  // the rest (rank 32, 64, ...; rank 16: sizes not a multiple of 16) one output at a time
+        const uint16_t* wr = w + o * w_row;
+        float sum = 0.f;
+        if (r % 32 == 0) {
+          rows_wide(hi, wr, 0, r, 1, &sum);
+        } else {
+          for (int64_t k = 0; k < r; ++k) sum += bf16_value(hi[k]) * bf16_value(wr[k]);
+        }
+        dst[o] = c10::BFloat16(bf16_value(dst[o]) + sum).x;
+      }
+    }
+    offset += out;
+  }
+}
+
+void check_activations(const torch::Tensor& x, const torch::Tensor& y, const std::vector<int64_t>& sizes) {
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && y.scalar_type() == torch::kBFloat16, "bf16 only");
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.stride(1) == 1 && y.stride(1) == 1, "rows must be contiguous");
+  TORCH_CHECK(x.size(1) % 32 == 0, "input width must be a multiple of 32");
+  int64_t width = 0;
+  for (int64_t size : sizes) width += size;
+  TORCH_CHECK(!sizes.empty() && width <= y.size(1), "slices wider than the output");
+}
+
 }  // namespace
 
 // A whole LoRA linear layer for the listed tokens, in one call (decode steps): for token j
@@ -165,106 +252,83 @@ Weights weights_of(const torch::Tensor& w) {
 //   h = bf16(scale * x[t] @ a_i[s].T) for every slice i (the LoRA buffer, float32 sums rounded once)
 //   y[t, offset_i : offset_i + out_i] += h_i @ B_i[s].T   (float32 sums, rounded once)
 // with offset_i the sum of the earlier slices' sizes. Rows not listed are left as they are.
-// b_i is B_i as vLLM stores it ([slots, (1,) out, r]) or, with `paired`, pair-interleaved in
-// tiles of 64 outputs ([slots, out * r]: tile t holds outputs 64t .. 64t + w - 1, w = min(64,
-// out - 64t), as [r / 2, w, 2] with element (p, o, e) = B[s, 64t + o, 2p + e]). The paired
-// expand needs no horizontal sums and reads each tile in memory order.
+// a_i, b_i as vLLM stores them: [slots, (1,) r, in] and [slots, (1,) out, r].
 void lora_linear(torch::Tensor x, torch::Tensor y, std::vector<torch::Tensor> a, std::vector<torch::Tensor> b,
-                 std::vector<int64_t> sizes, torch::Tensor rows, torch::Tensor slots, double scale, bool paired) {
-  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && y.scalar_type() == torch::kBFloat16, "bf16 only");
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.stride(1) == 1 && y.stride(1) == 1, "rows must be contiguous");
+                 std::vector<int64_t> sizes, torch::Tensor rows, torch::Tensor slots, double scale) {
+  check_activations(x, y, sizes);
   const size_t n_slices = a.size();
-  TORCH_CHECK(n_slices > 0 && b.size() == n_slices && sizes.size() == n_slices, "one A, B and size per slice");
-  const int64_t in = x.size(1);
-  TORCH_CHECK(in % 32 == 0, "input width must be a multiple of 32");
-  std::vector<Weights> wa, wb;
-  const int64_t r = a[0].size(-2);
+  TORCH_CHECK(n_slices == sizes.size() && b.size() == n_slices, "one A, B and size per slice");
+  const int64_t in = x.size(1), r = a[0].size(-2);
   TORCH_CHECK(r == 16 || r % 32 == 0, "rank must be 16 or a multiple of 32");
-  int64_t width = 0;
+  std::vector<Weights> wa, wb;
   for (size_t i = 0; i < n_slices; ++i) {
     wa.push_back(weights_of(a[i]));
     wb.push_back(weights_of(b[i]));
     TORCH_CHECK(wa[i].rows == r && wa[i].cols == in, "A shapes");
-    if (paired) {
-      TORCH_CHECK(b[i].dim() == 2 && b[i].size(1) == sizes[i] * r && b[i].stride(1) == 1, "paired B shapes");
-    } else {
-      TORCH_CHECK(wb[i].cols == r && wb[i].rows >= sizes[i], "B shapes");
-    }
-    width += sizes[i];
+    TORCH_CHECK(wb[i].cols == r && wb[i].rows >= sizes[i], "B shapes");
   }
-  TORCH_CHECK(width <= y.size(1), "slices wider than the output");
-  const int64_t n = rows.size(0), pairs = r / 2;
+  const int64_t n = rows.size(0);
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* sp = slots.data_ptr<int64_t>();
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   std::vector<float> acc(r);
   std::vector<uint16_t> h(r * n_slices);
-  std::vector<__m512i> hp(pairs);
+  std::vector<SliceAt> at(n_slices);
   for (int64_t j = 0; j < n; ++j) {
-    const uint16_t* xr = xp + rp[j] * x.stride(0);
-    uint16_t* yr = yp + rp[j] * y.stride(0);
     const int64_t s = sp[j];
-    for (size_t i = 0; i < n_slices; ++i) {  // shrink
-      rows_wide(xr, wa[i].data + s * wa[i].slot_stride, wa[i].row_stride, in, r, acc.data());
-      for (int64_t k = 0; k < r; ++k) {
-        h[i * r + k] = c10::BFloat16(static_cast<float>(scale) * acc[k]).x;
-      }
+    for (size_t i = 0; i < n_slices; ++i) {
+      at[i] = {wa[i].data + s * wa[i].slot_stride, wa[i].row_stride, wb[i].data + s * wb[i].slot_stride, wb[i].row_stride};
     }
-    int64_t offset = 0;
-    for (size_t i = 0; i < n_slices; ++i) {  // expand
-      const uint16_t* hi = h.data() + i * r;
-      const uint16_t* w = wb[i].data + s * wb[i].slot_stride;
-      const int64_t w_row = wb[i].row_stride;  // natural layout
-      uint16_t* dst = yr + offset;
-      const int64_t out = sizes[i];
-      int64_t o = 0;
-      if (paired) {
-        for (int64_t p = 0; p < pairs; ++p) {  // (h[2p], h[2p+1]) in every 32-bit lane
-          uint32_t pair;
-          std::memcpy(&pair, hi + 2 * p, sizeof(pair));
-          hp[p] = _mm512_set1_epi32(static_cast<int>(pair));
-        }
-        for (; o + 64 <= out; o += 64) {  // full tiles
-          __m512 sums[4];
-          expand_paired<4>(hp.data(), pairs, w + o * r, 128, sums);
-          for (int q = 0; q < 4; ++q) add_store(dst + o + 16 * q, sums[q]);
-        }
-        const int64_t tile = out - o, tail_row = 2 * tile;  // the last, narrower tile
-        const uint16_t* wt = w + o * r;
-        int64_t c = 0;
-        for (; c + 16 <= tile; c += 16) {
-          __m512 sum;
-          expand_paired<1>(hp.data(), pairs, wt + 2 * c, tail_row, &sum);
-          add_store(dst + o + c, sum);
-        }
-        for (; c < tile; ++c) {  // the rest one output at a time
-          float sum = 0.f;
-          for (int64_t p = 0; p < pairs; ++p) {
-            const uint16_t* e = wt + p * tail_row + 2 * c;
-            sum += bf16_value(hi[2 * p]) * bf16_value(e[0]) + bf16_value(hi[2 * p + 1]) * bf16_value(e[1]);
-          }
-          dst[o + c] = c10::BFloat16(bf16_value(dst[o + c]) + sum).x;
-        }
-      } else {
-        if (r == 16 && w_row == 16) {
-          const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi));
-          const __m512i hh = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1);
-          for (; o + 16 <= out; o += 16) add_store(dst + o, expand16(hh, w + o * 16));
-        }
-        for (; o < out; ++o) {  // the rest (rank 32, 64, ...; rank 16: sizes not a multiple of 16) one output at a time
-          const uint16_t* wr = w + o * w_row;
-          float sum = 0.f;
-          if (r % 32 == 0) {
-            rows_wide(hi, wr, 0, r, 1, &sum);
-          } else {
-            for (int64_t k = 0; k < r; ++k) sum += bf16_value(hi[k]) * bf16_value(wr[k]);
-          }
-          dst[o] = c10::BFloat16(bf16_value(dst[o]) + sum).x;
-        }
-      }
-      offset += out;
+    token_linear(xp + rp[j] * x.stride(0), yp + rp[j] * y.stride(0), in, at, sizes, r, r, static_cast<float>(scale),
+                 false, acc.data(), h.data(), nullptr);
+  }
+}
+
+// The same from a packed copy of the layer (kernel.py's `PackedWeights`): block [slots, numel],
+// where slot s holds, for k = ranks[s] rounded up to even (an adapter of rank ranks[s] in a
+// slot padded with zeros), every slice's A[:k] ([k, in] each), then every slice's B[:, :k]
+// pair-interleaved in tiles of 64 outputs (out * k elements: tile t holds outputs 64t ..
+// 64t + w - 1, w = min(64, out - 64t), as [k / 2, w, 2] with element (p, o, e) = B[64t + o,
+// 2p + e]). So a token reads only its slot's used weights, in memory order, and the expand
+// needs no horizontal sums. (Reading a prefix of each full-rank tile instead was slower than
+// reading everything: the prefetchers run into the skipped halves.) Rank 0: nothing to add.
+void lora_linear_packed(torch::Tensor x, torch::Tensor y, torch::Tensor block, std::vector<int64_t> sizes,
+                        torch::Tensor rows, torch::Tensor slots, double scale, torch::Tensor ranks) {
+  check_activations(x, y, sizes);
+  TORCH_CHECK(block.scalar_type() == torch::kBFloat16 && block.dim() == 2 && block.stride(1) == 1, "bf16 block rows");
+  TORCH_CHECK(ranks.scalar_type() == torch::kInt64 && ranks.is_contiguous() && ranks.size(0) == block.size(0), "ranks");
+  const size_t n_slices = sizes.size();
+  const int64_t in = x.size(1);
+  int64_t per_rank = n_slices * in;  // elements of a slot's block per unit of rank
+  for (int64_t size : sizes) per_rank += size;
+  const int64_t* kp = ranks.data_ptr<int64_t>();
+  int64_t r = 0;
+  for (int64_t s = 0; s < ranks.size(0); ++s) {
+    TORCH_CHECK(kp[s] >= 0 && (kp[s] + kp[s] % 2) * per_rank <= block.size(1), "slot rank beyond the block");
+    r = std::max(r, kp[s] + kp[s] % 2);
+  }
+  const int64_t n = rows.size(0);
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const auto* bp = reinterpret_cast<const uint16_t*>(block.data_ptr());
+  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+  std::vector<float> acc(std::max<int64_t>(r, 1));
+  std::vector<uint16_t> h(std::max<int64_t>(r, 1) * n_slices);
+  std::vector<__m512i> hp(std::max<int64_t>(r / 2, 1));
+  std::vector<SliceAt> at(n_slices);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t s = sp[j], rank = kp[s], k = rank + rank % 2;
+    if (rank == 0) continue;
+    const uint16_t* base = bp + s * block.stride(0);
+    int64_t b_offset = n_slices * k * in;
+    for (size_t i = 0; i < n_slices; ++i) {
+      at[i] = {base + i * k * in, in, base + b_offset, 0};
+      b_offset += sizes[i] * k;
     }
+    token_linear(xp + rp[j] * x.stride(0), yp + rp[j] * y.stride(0), in, at, sizes, k, rank, static_cast<float>(scale),
+                 true, acc.data(), h.data(), hp.data());
   }
 }
 
@@ -282,4 +346,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("advise_huge_pages", &advise_huge_pages);
   m.def("gemv", &gemv);
   m.def("lora_linear", &lora_linear);
+  m.def("lora_linear_packed", &lora_linear_packed);
 }

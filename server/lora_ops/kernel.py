@@ -1,8 +1,9 @@
 """Optional C++ kernel (`gemv.cpp`) for decode steps.
 
-- `lora_linear`: a whole LoRA linear layer (every slice's shrink and expand) for the listed
-  tokens in one call, from a packed copy of the layer's weights (`PackedWeights`): one
-  sequential read per token, in huge pages. vLLM calls `add_lora_linear` 4 times per layer;
+- `lora_linear_packed`: a whole LoRA linear layer (every slice's shrink and expand) for the
+  listed tokens in one call, from a packed copy of the layer's weights (`PackedWeights`): one
+  sequential read per token of only the rank its slot uses, in huge pages (`lora_linear`: the
+  same from vLLM's tensors, where no copy can be kept). vLLM calls `add_lora_linear` 4 times per layer;
   per call, the torch path's Python and its 2-4 small oneDNN products cost more than the
   arithmetic (see docs/performance.md).
 - `gemv`: the one-token-per-adapter products of the six ops. With many adapters, a decode
@@ -26,6 +27,7 @@ import os
 import shutil
 import threading
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -146,15 +148,39 @@ def lora_linear(
     output_slices: tuple[int, ...],
     plan: Any,
     scale: float,
-    paired: bool,
 ) -> None:
     """y[t, slice i] += bf16(scale * x[t] @ A_i[s].T) @ B_i[s].T for the plan's tokens t with slot s.
 
     One call for a whole layer: both products of every slice, float32 sums rounded once each
-    (the middle one to bf16, as the LoRA buffer of 16-bit models). With `paired`, `lora_b` is
-    B pair-interleaved (`pair_b`), which the kernel reads without horizontal sums.
+    (the middle one to bf16, as the LoRA buffer of 16-bit models), from vLLM's own tensors.
     """
-    module.lora_linear(x, y, lora_a, lora_b, output_slices, plan.token_rows, plan.token_slots, scale, paired)
+    module.lora_linear(x, y, lora_a, lora_b, output_slices, plan.token_rows, plan.token_slots, scale)
+
+
+def lora_linear_packed(
+    module: ModuleType, x: Tensor, y: Tensor, layer: PackedLayer, output_slices: tuple[int, ...], plan: Any, scale: float
+) -> None:
+    """`lora_linear` from the layer's packed copy (`PackedWeights`): each token reads only its
+    slot's used rank of weights, in one sequential run, so a rank-8 adapter in a rank-16 slot
+    costs half the memory traffic of a decode step. The same sums, so the same result."""
+    if tuple(output_slices) != layer.outs:
+        raise ValueError(f"packed for slices {layer.outs}, called with {tuple(output_slices)}")
+    module.lora_linear_packed(x, y, layer.block, output_slices, plan.token_rows, plan.token_slots, scale, layer.ranks)
+
+
+def slot_ranks(lora_a: tuple[Tensor, ...], lora_b: tuple[Tensor, ...]) -> Tensor:
+    """Per slot, 1 + the last rank index with a nonzero row of some A or column of some B (0: empty slot).
+
+    vLLM writes an adapter of rank k into the first k rows of A and columns of B of a slot of
+    rank `max_lora_rank` and zeroes the rest; the rest then contributes exact zeros.
+    """
+    used = torch.zeros(lora_a[0].shape[0], lora_a[0].shape[-2], dtype=torch.bool)
+    for a in lora_a:  # [slots, (1,) r, in]
+        used |= a.reshape(a.shape[0], a.shape[-2], -1).ne(0).any(dim=-1)
+    for b in lora_b:  # [slots, (1,) out, r]
+        used |= b.reshape(b.shape[0], -1, b.shape[-1]).ne(0).any(dim=-2)
+    positions = torch.arange(1, used.shape[1] + 1)
+    return (used * positions).amax(dim=1).to(torch.int64).contiguous()
 
 
 PAIR_TILE = 64  # outputs per tile of `pair_b` (gemv.cpp reads full tiles 64 outputs at a time)
@@ -204,30 +230,60 @@ class _Arena:
         return view
 
 
+@dataclass
+class PackedLayer:
+    """One layer's LoRA weights as `lora_linear_packed` reads them."""
+
+    block: Tensor  # [slots, r * (slices * in + sum(outs))], bf16, in huge pages
+    ranks: Tensor  # [slots] int64: each slot's used rank (`slot_ranks`)
+    outs: tuple[int, ...]  # the slices' output sizes
+
+
 class _PackedEntry:
-    def __init__(self, refs: list[weakref.ref], a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> None:
-        self.refs, self.a, self.b = refs, a, b
+    def __init__(self, refs: list[weakref.ref], layer: PackedLayer) -> None:
+        self.refs, self.layer = refs, layer
         self.versions: tuple[int, ...] | None = None
+        self.slot_ids: tuple[int | None, ...] | None = None  # the adapter in each slot when last packed
+
+
+def pack_slots(lora_a: tuple[Tensor, ...], lora_b: tuple[Tensor, ...], k: int) -> Tensor:
+    """Slots' weights at rank k as `lora_linear_packed` reads them: [slots, k * (slices * in + sum(outs))].
+
+    Every slice's A[:k] ([k, in]), then every slice's B[:, :k] paired (`pair_b`).
+    """
+    slots = lora_a[0].shape[0]
+    parts = [a.reshape(slots, a.shape[-2], a.shape[-1])[:, :k].reshape(slots, -1) for a in lora_a]
+    parts += pair_b(tuple(b[..., :k] for b in lora_b))
+    return torch.cat(parts, dim=1)
 
 
 class PackedWeights:
-    """Each layer's LoRA weights for `lora_linear(paired=True)`, one block per slot, refreshed when vLLM writes.
+    """Each layer's LoRA weights for `lora_linear_packed`, one block per slot, refreshed when vLLM writes.
 
-    A slot's block holds A of every slice ([r, in] each), then B of every slice
-    pair-interleaved (`pair_b`), so a token's weights are one sequential read. The copy is
-    made on first use and rewritten in place whenever vLLM writes a slot (`set_lora` and
-    `reset_lora` write in place, which bumps the tensors' version counters). It doubles the
-    memory of the LoRA linear weights.
+    The copy is made on first use and rewritten whenever vLLM writes a slot (`set_lora` and
+    `reset_lora` write in place, which bumps the tensors' version counters). Only the slots
+    whose adapter changed are repacked when the caller says which adapter each slot holds
+    (`slot_ids`, vLLM's `lora_index_to_id`; adapter ids are never reused for other weights), so
+    loading one adapter costs one slot's copy, not the whole layer's (SmolLM2, 32 slots: about
+    20 against 700 ms); without it, or when no slot's adapter changed, every slot is.
+    A slot is packed at its used rank k rounded up to even (`slot_ranks`: vLLM pads an adapter
+    of lower rank with zeros; `pack_slots`), so a token's weights are one sequential read of
+    only what it uses. It doubles the memory of the LoRA linear weights.
     """
 
     def __init__(self) -> None:
         self._arena = _Arena()
         self._entries: dict[tuple[int, ...], _PackedEntry] = {}
+        self.slots_packed = 0  # for tests and profiles
 
     def get(
-        self, module: ModuleType, lora_a: tuple[Tensor, ...], lora_b: tuple[Tensor, ...]
-    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None:
-        """(A views, paired B views) of the current weights; None for tensors without a version counter."""
+        self,
+        module: ModuleType,
+        lora_a: tuple[Tensor, ...],
+        lora_b: tuple[Tensor, ...],
+        slot_ids: tuple[int | None, ...] | None = None,
+    ) -> PackedLayer | None:
+        """The current weights, packed; None for tensors without a version counter."""
         sources = (*lora_a, *lora_b)
         try:
             versions = tuple(t._version for t in sources)
@@ -238,28 +294,36 @@ class PackedWeights:
         if entry is None or not all(r() is t for r, t in zip(entry.refs, sources)):
             entry = self._create(module, key, lora_a, lora_b)
         if entry.versions != versions:
-            for src, dst in zip(lora_a, entry.a):
-                dst.copy_(src.reshape(dst.shape))
-            for src, dst in zip(pair_b(lora_b), entry.b):
-                dst.copy_(src)
-            entry.versions = versions
-        return entry.a, entry.b
+            slots = lora_a[0].shape[0]
+            changed = list(range(slots))
+            if slot_ids is not None and entry.slot_ids is not None and len(slot_ids) == len(entry.slot_ids) == slots:
+                changed = [s for s in changed if slot_ids[s] != entry.slot_ids[s]] or changed
+            self._pack(entry.layer, lora_a, lora_b, torch.tensor(changed))
+            entry.versions, entry.slot_ids = versions, slot_ids
+        return entry.layer
+
+    def _pack(self, layer: PackedLayer, lora_a: tuple[Tensor, ...], lora_b: tuple[Tensor, ...], slots: Tensor) -> None:
+        pick = lambda tensors, chosen: tuple(t.index_select(0, chosen) for t in tensors)
+        ranks = slot_ranks(pick(lora_a, slots), pick(lora_b, slots))
+        layer.ranks[slots] = ranks
+        layout = ranks + ranks % 2
+        for k in layout.unique().tolist():
+            if k:
+                chosen = slots[layout == k]
+                rows = pack_slots(pick(lora_a, chosen), pick(lora_b, chosen), k)
+                layer.block[chosen, : rows.shape[1]] = rows
+        self.slots_packed += len(slots)
 
     def _create(
         self, module: ModuleType, key: tuple[int, ...], lora_a: tuple[Tensor, ...], lora_b: tuple[Tensor, ...]
     ) -> _PackedEntry:
         slots, r, width = lora_a[0].shape[0], lora_a[0].shape[-2], lora_a[0].shape[-1]
-        sizes = [r * width] * len(lora_a) + [b.shape[-2] * r for b in lora_b]
-        block = sum(sizes)
-        packed = self._arena.take(module, slots * block, lora_a[0].dtype).view(slots, block)
-        views = []
-        offset = 0
-        for size in sizes:
-            views.append(packed[:, offset : offset + size])
-            offset += size
-        a = tuple(v.unflatten(1, (r, width)) for v in views[: len(lora_a)])
+        outs = tuple(b.shape[-2] for b in lora_b)
+        numel = r * (len(lora_a) * width + sum(outs))
+        block = self._arena.take(module, slots * numel, lora_a[0].dtype).view(slots, numel)
+        layer = PackedLayer(block, torch.zeros(slots, dtype=torch.int64), outs)
         drop = lambda _ref, key=key: self._entries.pop(key, None)  # forget freed layers
-        entry = _PackedEntry([weakref.ref(t, drop) for t in (*lora_a, *lora_b)], a, tuple(views[len(lora_a) :]))
+        entry = _PackedEntry([weakref.ref(t, drop) for t in (*lora_a, *lora_b)], layer)
         self._entries[key] = entry
         return entry
 

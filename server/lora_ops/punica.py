@@ -8,8 +8,9 @@ always runs the LM-head (logits) LoRA, even when no loaded adapter has LM-head w
 keep vLLM's semantics:
 
 - `add_lora_linear`: for decode steps (and prompts of many adapters, see `ops._Plan`) of a
-  bf16 model, one call of the C++ kernel for the whole layer (`kernel.lora_linear`: every
-  shrink and expand, per token, from a packed copy of the weights). Otherwise one shrink for
+  bf16 model, one call of the C++ kernel for the whole layer (`kernel.lora_linear_packed`:
+  every shrink and expand, per token, from a packed copy of the weights that holds only the
+  rank each slot's adapter uses). Otherwise one shrink for
   all slices of a layer (their A matrices concatenated once per weight update, see
   `_derived`) and a 16-bit LoRA buffer for 16-bit models (vLLM's is float32, but its expand
   casts it back to the 16-bit dtype first, and our shrink computes 16-bit products anyway:
@@ -139,6 +140,13 @@ class MtaPunicaWrapperCPU(PunicaWrapperCPU):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._stats = stats()
+        self._slot_ids: tuple[int | None, ...] | None = None
+
+    def update_metadata(self, mapping: Any, lora_index_to_id: list[int | None], *args: Any, **kwargs: Any) -> None:
+        """vLLM's, keeping which adapter each slot holds: the packed weights then repack only the
+        slots whose adapter changed (`kernel.PackedWeights`)."""
+        self._slot_ids = tuple(lora_index_to_id)
+        super().update_metadata(mapping, lora_index_to_id, *args, **kwargs)
 
     def _op(self, name: str) -> Callable[..., Any]:
         self._stats.hit(name)
@@ -211,9 +219,10 @@ class MtaPunicaWrapperCPU(PunicaWrapperCPU):
             and (module := kernel.get()) is not None
         ):  # a decode step: the whole layer (every shrink and expand) in one native call
             if plan.token_rows.numel():
-                weights = kernel.packed.get(module, lora_a_stacked, lora_b_stacked)
-                a, b = weights if weights is not None else (lora_a_stacked, lora_b_stacked)
-                kernel.lora_linear(module, x, y2, a, b, output_slices, plan, scale, weights is not None)
+                if (packed := kernel.packed.get(module, lora_a_stacked, lora_b_stacked, self._slot_ids)) is not None:
+                    kernel.lora_linear_packed(module, x, y2, packed, output_slices, plan, scale)
+                else:
+                    kernel.lora_linear(module, x, y2, lora_a_stacked, lora_b_stacked, output_slices, plan, scale)
             return
         r = lora_a_stacked[0].shape[-2]
         narrow = x.dtype in _NARROW and scale == 1.0 and all(a.dtype == x.dtype for a in lora_a_stacked)
