@@ -199,13 +199,15 @@ def cmd_bank_show(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    import dataclasses
+
     from server.defaults import resolve_model
     from server.evaluation.config import EvalConfig
     from server.evaluation.methods import parse_methods
     from server.evaluation.report import markdown_table
     from server.evaluation.runner import format_timings, run
     from server.settings import Settings
-    from server.stacking import RECIPE_FIELDS, stack_config
+    from server.stacking import OPPU_TRAIN, RECIPE_FIELDS, stack_config
     from server.tasks import make_task, scoring
     from server.training import TrainConfig
 
@@ -234,7 +236,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             max_new_tokens=args.max_new_tokens or known.max_new_tokens,
             dtype=args.dtype,
             task_train=TrainConfig(epochs=args.task_epochs),
-            oppu_train=TrainConfig(rank=8, alpha=16, learning_rate=args.user_lr, epochs=args.user_epochs, batch_size=2),
+            oppu_train=dataclasses.replace(OPPU_TRAIN, learning_rate=args.user_lr, epochs=args.user_epochs),
             stack_train=stack_config(
                 Settings.model_construct(), rank=args.stack_rank, learning_rate=args.stack_lr, epochs=args.stack_epochs
             ),

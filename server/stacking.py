@@ -95,6 +95,8 @@ RECIPE_FIELDS = ("rank", "learning_rate", "epochs")  # what a request, the setti
 # alpha = 2 x rank, as every other LoRA of the project; lr 5e-4 was chosen over 2e-4 and 1e-3 on the
 # demo bank's anchor pool (docs/results.md); the paper's one step at 5e-5 does not move a rank-2 LoRA.
 DEFAULT_RECIPE = {"rank": 2, "learning_rate": 5e-4, "epochs": 3}
+# The per-user LoRA MTA is measured against (OPPU): rank 8 over the task LoRA, 4x a rank-2 stack's bytes.
+OPPU_TRAIN = TrainConfig(rank=8, alpha=16, epochs=3, batch_size=2)
 
 
 def stack_config(

@@ -325,8 +325,8 @@ class BankView(BaseModel):
         None, description="The stacked LoRA's recipe chosen on the bank's anchor pool (rank, learning_rate, epochs)."
     )
     finetune_defaults: dict[str, Any] = Field(
-        description="What a fine-tune that names no rank, learning_rate or epochs trains with: MTA_FINETUNE_* set "
-        "explicitly, else the bank's `stacking`, else the MTA_FINETUNE_* defaults."
+        description="What a fine-tune that names no rank, learning_rate or epochs trains with: MTA_FINETUNE_* if set, "
+        "else the bank's `stacking`, else rank 2, lr 5e-4, 3 epochs."
     )
     anchors: list[dict[str, Any]] = Field(description="id, cluster_size, rank of every anchor.")
     top_k: int

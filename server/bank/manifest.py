@@ -33,8 +33,8 @@ class FusionDefaults(_Strict):
 
 class StackingDefaults(_Strict):
     """The stacked LoRA's recipe chosen on the bank's anchor pool (`mta bank build --stacking-lrs`):
-    what the server's fine-tunes and `mta eval`'s `mta_stack` train with unless the request (or an
-    explicitly set `MTA_FINETUNE_*`) says otherwise. Banks without one: the `MTA_FINETUNE_*` defaults."""
+    what the server's fine-tunes and `mta eval`'s `mta_stack` train with unless the request (or a set
+    `MTA_FINETUNE_*`) says otherwise. Banks without one: `server.stacking.DEFAULT_RECIPE`."""
 
     rank: int = Field(ge=1, le=16)
     learning_rate: float = Field(gt=0, le=1)

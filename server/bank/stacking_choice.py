@@ -24,12 +24,12 @@ from server.adapters import LoraWeights, stack
 from server.bank.manifest import FusionDefaults, StackingDefaults
 from server.bank.selection import fused_without_own, paired_interval
 from server.lamp_data import User, heldout_examples, leave_one_out_examples
+from server.stacking import OPPU_TRAIN
 from server.tasks import Task
 from server.training import TrainConfig, mean_losses, train_lora
 
 RULE = "lowest mean validation loss over the anchor-pool users"
 FEW_SHOT = 5  # `mta eval --few-shot`'s default: the size of a new user's fine-tune set
-OPPU = TrainConfig(rank=8, alpha=16, epochs=3, batch_size=2)  # `mta eval`'s oppu recipe
 
 
 def choose_stacking(
@@ -74,7 +74,7 @@ def choose_stacking(
             lora = train_lora(model, tokenizer, examples, dataclasses.replace(base, learning_rate=lr), base_adapter=fused).lora
             jobs.append((validation, stack(fused, lora)))
         if shared is not None:
-            oppu = train_lora(model, tokenizer, examples, dataclasses.replace(OPPU, target_modules=base.target_modules), base_adapter=shared).lora
+            oppu = train_lora(model, tokenizer, examples, dataclasses.replace(OPPU_TRAIN, target_modules=base.target_modules), base_adapter=shared).lora
             jobs.append((validation, stack(shared, oppu)))
         losses.append(mean_losses(model, tokenizer, jobs, max_length=base.max_length))
         user_ids.append(str(user.user_id))

@@ -11,7 +11,7 @@ from pathlib import Path
 from server.adapters.targets import ModelTargets
 from server.evaluation.methods import Method
 from server.settings import Settings
-from server.stacking import stack_config
+from server.stacking import OPPU_TRAIN, stack_config
 from server.tasks import MetricKind, Task
 from server.training import TrainConfig
 
@@ -33,7 +33,7 @@ class EvalConfig:
     max_new_tokens: int = 10
     dtype: str = "bfloat16"  # vLLM's
     task_train: TrainConfig = field(default_factory=TrainConfig)
-    oppu_train: TrainConfig = field(default_factory=lambda: TrainConfig(rank=8, alpha=16, epochs=3, batch_size=2))
+    oppu_train: TrainConfig = OPPU_TRAIN
     # the server's defaults with the command line's values; a bank's recorded choice fills the rest
     stack_train: TrainConfig = field(default_factory=lambda: stack_config(Settings.model_construct()))
     stack_given: frozenset[str] = frozenset()  # of `server.stacking.RECIPE_FIELDS`: set on the command line

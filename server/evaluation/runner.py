@@ -457,12 +457,13 @@ def fold_breakdown(
         n = sum(len(u.points) for u in users)
         part = {name: preds[start : start + n] for name, preds in outputs.items()}
         start += n
+        manifest = read_manifest_json(fold.bank) if fold.bank else {}
         rows.append(
             {
                 "fold": fold.index,
                 "bank": str(fold.bank) if fold.bank else None,
-                "bank_version": read_manifest_json(fold.bank)["bank_version"] if fold.bank else None,
-                "bank_stacking": read_manifest_json(fold.bank).get("stacking") if fold.bank else None,
+                "bank_version": manifest.get("bank_version"),
+                "bank_stacking": manifest.get("stacking"),
                 "anchor_pool_users": len(fold.pool),
                 "n_users": len(users),
                 "n_points": n,
