@@ -636,6 +636,31 @@ def test_fused_lora_linear_follows_weight_and_metadata_updates(fused_calls):
     assert len(fused_calls) == len(steps)
 
 
+def test_the_kernel_splits_tokens_over_torchs_threads_with_the_same_bits(fused_calls):
+    """Tokens are independent: torch's intra-op threads share them, and the output does not
+    depend on how many there are."""
+    module = kernel.get()
+    outs = (160, 48, 48)
+    a, b = kernel_weights(outs, 16, seed=37)
+    layer = kernel.packed.get(module, a, b)
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(40, KERNEL_IN, generator=g).bfloat16()
+    y = torch.randn(40, sum(outs), generator=g).bfloat16()
+    plan = Plan(torch.arange(40), torch.randint(0, 4, (40,), generator=g))
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outputs.append(y.clone())
+            kernel.lora_linear_packed(module, x, outputs[-1], layer, outs, plan, 0.5)
+            outputs.append(y.clone())
+            kernel.lora_linear(module, x, outputs[-1], a, b, outs, plan, 0.5)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(o, outputs[i % 2]) for i, o in enumerate(outputs)) and not torch.equal(outputs[0], y)
+
+
 def test_loading_one_adapter_repacks_only_its_slot(fused_calls):
     """vLLM loads an adapter into one slot and says so in the step's `lora_index_to_id`: only that
     slot of the packed copy is rewritten (one slot's copy per layer, not all of them); a write the
@@ -704,7 +729,7 @@ def test_without_the_kernel_layers_take_the_per_slice_ops(installed, monkeypatch
 
 
 def test_which_steps_take_the_whole_layer_call():
-    """Decode-sized steps and steps of many short runs do; long runs (prefill chunks) and one or two runs do not."""
+    """Decode-sized steps and steps of prompts of ordinary length do; a step with a long run (a long prefill chunk) does not."""
 
     def fused(slots: list[int], lengths: list[int]) -> bool:
         return ours._make_plan(slots, lengths).token_rows is not None
@@ -712,9 +737,11 @@ def test_which_steps_take_the_whole_layer_call():
     assert fused(list(range(32)), [1] * 32)
     assert fused([3], [ours.FUSED_MAX_TOKENS])
     assert fused([0, 1, -1, 2], [38, 38, 5, 38])
-    assert not fused([3], [ours.FUSED_MAX_TOKENS + 1])
-    assert not fused([0, 1], [50, 50])
-    assert not fused([0, 1, 2], [20, ours.MIN_LOOP_RUN, 20])
+    assert fused([3], [ours.FUSED_MAX_RUN - 1])
+    assert fused([0, 1], [228, 228])
+    assert fused([0, -1, 1], [20, ours.FUSED_MAX_RUN, 20])  # a long run without an adapter costs the kernel nothing
+    assert not fused([3], [ours.FUSED_MAX_RUN])
+    assert not fused([0, 1, 2], [20, ours.FUSED_MAX_RUN, 20])
     plan = ours._make_plan([2, -1, 0, 0], [2, 1, 1, 2])
     assert plan.token_rows.tolist() == [0, 1, 3, 4, 5] and plan.token_slots.tolist() == [2, 2, 0, 0, 0]
 

@@ -7,6 +7,7 @@
 // lora_linear: a whole LoRA linear layer (every slice's shrink and expand) per token, in one
 // call: vLLM's Python and the small oneDNN products per layer call cost more than the
 // arithmetic of a decode step.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <immintrin.h>
 
@@ -247,6 +248,10 @@ void check_activations(const torch::Tensor& x, const torch::Tensor& y, const std
 
 }  // namespace
 
+// Tokens are independent (each writes its own row of y): torch's intra-op threads take them in
+// runs of this many, so a decode step's LoRA reads use every core the engine was given.
+constexpr int64_t kTokensPerTask = 4;
+
 // A whole LoRA linear layer for the listed tokens, in one call (decode steps): for token j
 // (row t = rows[j], slot s = slots[j]):
 //   h = bf16(scale * x[t] @ a_i[s].T) for every slice i (the LoRA buffer, float32 sums rounded once)
@@ -272,17 +277,19 @@ void lora_linear(torch::Tensor x, torch::Tensor y, std::vector<torch::Tensor> a,
   const int64_t* sp = slots.data_ptr<int64_t>();
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-  std::vector<float> acc(r);
-  std::vector<uint16_t> h(r * n_slices);
-  std::vector<SliceAt> at(n_slices);
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t s = sp[j];
-    for (size_t i = 0; i < n_slices; ++i) {
-      at[i] = {wa[i].data + s * wa[i].slot_stride, wa[i].row_stride, wb[i].data + s * wb[i].slot_stride, wb[i].row_stride};
+  at::parallel_for(0, n, kTokensPerTask, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(r);
+    std::vector<uint16_t> h(r * n_slices);
+    std::vector<SliceAt> at(n_slices);
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t s = sp[j];
+      for (size_t i = 0; i < n_slices; ++i) {
+        at[i] = {wa[i].data + s * wa[i].slot_stride, wa[i].row_stride, wb[i].data + s * wb[i].slot_stride, wb[i].row_stride};
+      }
+      token_linear(xp + rp[j] * x.stride(0), yp + rp[j] * y.stride(0), in, at, sizes, r, r, static_cast<float>(scale),
+                   false, acc.data(), h.data(), nullptr);
     }
-    token_linear(xp + rp[j] * x.stride(0), yp + rp[j] * y.stride(0), in, at, sizes, r, r, static_cast<float>(scale),
-                 false, acc.data(), h.data(), nullptr);
-  }
+  });
 }
 
 // The same from a packed copy of the layer (kernel.py's `PackedWeights`): block [slots, numel],
@@ -314,22 +321,24 @@ void lora_linear_packed(torch::Tensor x, torch::Tensor y, torch::Tensor block, s
   const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const auto* bp = reinterpret_cast<const uint16_t*>(block.data_ptr());
   auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-  std::vector<float> acc(std::max<int64_t>(r, 1));
-  std::vector<uint16_t> h(std::max<int64_t>(r, 1) * n_slices);
-  std::vector<__m512i> hp(std::max<int64_t>(r / 2, 1));
-  std::vector<SliceAt> at(n_slices);
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t s = sp[j], rank = kp[s], k = rank + rank % 2;
-    if (rank == 0) continue;
-    const uint16_t* base = bp + s * block.stride(0);
-    int64_t b_offset = n_slices * k * in;
-    for (size_t i = 0; i < n_slices; ++i) {
-      at[i] = {base + i * k * in, in, base + b_offset, 0};
-      b_offset += sizes[i] * k;
+  at::parallel_for(0, n, kTokensPerTask, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(std::max<int64_t>(r, 1));
+    std::vector<uint16_t> h(std::max<int64_t>(r, 1) * n_slices);
+    std::vector<__m512i> hp(std::max<int64_t>(r / 2, 1));
+    std::vector<SliceAt> at(n_slices);
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t s = sp[j], rank = kp[s], k = rank + rank % 2;
+      if (rank == 0) continue;
+      const uint16_t* base = bp + s * block.stride(0);
+      int64_t b_offset = n_slices * k * in;
+      for (size_t i = 0; i < n_slices; ++i) {
+        at[i] = {base + i * k * in, in, base + b_offset, 0};
+        b_offset += sizes[i] * k;
+      }
+      token_linear(xp + rp[j] * x.stride(0), yp + rp[j] * y.stride(0), in, at, sizes, k, rank, static_cast<float>(scale),
+                   true, acc.data(), h.data(), hp.data());
     }
-    token_linear(xp + rp[j] * x.stride(0), yp + rp[j] * y.stride(0), in, at, sizes, k, rank, static_cast<float>(scale),
-                 true, acc.data(), h.data(), hp.data());
-  }
+  });
 }
 
 // Ask for transparent huge pages for the tensor's memory (before it is first written): the

@@ -37,7 +37,8 @@ from torch import Tensor
 
 ENV = "MTA_LORA_CPU_KERNEL"
 SOURCE = Path(__file__).with_name("gemv.cpp")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+# -fopenmp: `at::parallel_for` (torch's intra-op threads, the libgomp torch loads) splits a layer's tokens.
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 
 log = logging.getLogger("vllm.mta_lora_ops")
 
@@ -79,7 +80,7 @@ def build(*, strict: bool = False) -> ModuleType | None:
 
         log.info("MTA LoRA decode kernel: building or loading it (the first build on a machine takes 30-60 s)")
         try:
-            _module = load("mta_lora_gemv", [str(SOURCE)], extra_cflags=FLAGS, verbose=False)
+            _module = load("mta_lora_gemv", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
             log.info("MTA LoRA decode kernel ready (pid %d)", os.getpid())
         except Exception as e:  # noqa: BLE001  (no compiler, headers, ...)
             if strict and compiler() is not None:

@@ -55,14 +55,18 @@ from server.lora_ops import kernel
 # 16-bit tensor is several times slower than the product itself (it was most of the cost of
 # prefill with many adapters).
 # With the C++ kernel, `MtaPunicaWrapperCPU.add_lora_linear` does a whole layer in one call per token for
-# steps of at most FUSED_MAX_TOKENS tokens (decode steps), and for steps of more than
-# MAX_LOOP_RUNS runs with none of at least MIN_LOOP_RUN tokens (short prompts of many
-# adapters): see `_Plan`. By measurement (30 layers, 32 slots, one thread): 32 decode tokens
-# of 32 adapters 19 against 21 ms, of one adapter 7 against 22 ms; 32 prompts of 38 tokens
-# with their own adapters 210-228 against 231-257 ms (the tiers). One or two runs stay with
-# one product each: one prompt of 1216 tokens takes 128-155 ms that way, 171-192 ms per token.
+# steps of at most FUSED_MAX_TOKENS tokens (decode steps), and for steps whose adapted runs
+# are all shorter than FUSED_MAX_RUN tokens (prompts of ordinary length, of one or many
+# adapters): see `_Plan`. The kernel splits the tokens over torch's threads and reads only
+# the rank a slot uses; a run's product uses the slot's full rank. By measurement (30 layers
+# of SmolLM2, 32 slots, rank-8 adapters in rank-16 slots unless said, two threads, 5 Dec):
+# 18 prompts of 228 tokens with their own adapters 198 against 514 ms (rank 16: 327 against
+# 479), 32 of 128 tokens 199 against 538 ms, one prompt of 300 tokens 21 against 38 ms (rank
+# 16), 2 of 600 tokens 47 against 88 ms; one prompt of 1216 tokens (rank 16) 83 against 57 ms
+# (one thread: 176 against 91), so long prefill chunks stay with one product per run.
 MAX_LOOP_RUNS = 2
 FUSED_MAX_TOKENS = 64
+FUSED_MAX_RUN = 512
 MIN_LOOP_RUN = 96
 TIER_RATIO = 2
 _NARROW = (torch.bfloat16, torch.float16)
@@ -121,7 +125,7 @@ class _Plan:
 def _make_plan(run_slots: list[int], run_lengths: list[int]) -> _Plan:
     runs = _merged_runs(run_slots, run_lengths)
     plan = _make_pieces(runs)
-    short_runs = len(runs) > MAX_LOOP_RUNS and all(r.end - r.start < MIN_LOOP_RUN for r in runs if r.slot >= 0)
+    short_runs = all(r.end - r.start < FUSED_MAX_RUN for r in runs if r.slot >= 0)
     if plan.num_tokens > FUSED_MAX_TOKENS and not short_runs:
         return plan
     adapted = [r for r in runs if r.slot >= 0]
