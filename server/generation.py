@@ -17,6 +17,7 @@ from server.metrics import Metrics
 from server.personalize import AdapterLease, Personalizer, UserContext
 from server.prompts import (
     ProfileIndex,
+    PromptSplicer,
     chat_prompt,
     count_tokens,
     last_user_turn,
@@ -97,6 +98,7 @@ class Generator:
         self.metrics = metrics
         # Prompts are built in worker threads; a Rust tokenizer is not safe to share between threads.
         self._tokenizer_lock = threading.Lock()
+        self._splicer = PromptSplicer(tokenizer)  # used under the lock
 
     async def prompt_ids(self, inp: GenerationInput, ctx: UserContext, max_tokens: int) -> list[int]:
         """`_prompt_ids`, off the event loop when it may be long: tokenizing a long prompt or cutting a
@@ -136,6 +138,8 @@ class Generator:
                 return chat_prompt(self.tokenizer, with_history_item(inp.messages, item))
             content = user_content(inp.prompt, item)
             if inp.chat_template and getattr(self.tokenizer, "chat_template", None):
+                if item is not None and (ids := self._splicer.ids(inp.prompt, item)) is not None:
+                    return ids  # the item's tokens from the last time it was used
                 return chat_prompt(self.tokenizer, [{"role": "user", "content": content}])
             return list(self.tokenizer(content, add_special_tokens=True)["input_ids"])
 

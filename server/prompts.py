@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import re
 import string
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -100,11 +102,15 @@ def retrieve_top1(history: Sequence[str], query: str) -> str | None:
     return ProfileIndex(history).top1(query)
 
 
+HISTORY_HEAD = "### User History:\n"
+INSTRUCTION_HEAD = "\n\n### User Instruction:\n"
+
+
 def user_content(instruction: str, history_item: str | None) -> str:
     """The user turn of an MTA prompt."""
     if history_item is None:
         return instruction
-    return f"### User History:\n{history_item}\n\n### User Instruction:\n{instruction}"
+    return f"{HISTORY_HEAD}{history_item}{INSTRUCTION_HEAD}{instruction}"
 
 
 def last_user_turn(messages: Sequence[Mapping[str, str]]) -> int | None:
@@ -153,3 +159,83 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     if isinstance(ids, Mapping):  # transformers 5 may return a BatchEncoding
         ids = ids["input_ids"]
     return list(ids)
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """The chat template around a lone user turn: rendered text = prefix + content + suffix."""
+
+    head_ids: list[int]  # tokens of prefix + HISTORY_HEAD: every spliced prompt starts with them
+    suffix: str
+    trims: bool  # the template strips the content's surrounding whitespace
+
+
+class PromptSplicer:
+    """`chat_prompt` of a one-turn MTA prompt, without tokenizing its history item each time.
+
+    Tokenizing is most of a returning user's server-side work (SmolLM2's byte-level
+    pre-tokenizer: about 1 us per token, and the item is half the prompt). The prompt's tokens
+    are cut into [template prefix + HISTORY_HEAD] [item] [INSTRUCTION_HEAD + instruction +
+    template suffix]: the first piece is tokenized once, each item once (kept in an LRU), only
+    the last per request. That is exact only where the tokenizer splits at the item's two ends,
+    which depends on the tokenizer and on the item's first and last characters: each item is
+    checked once against tokenizing its whole prompt, and an item that fails (or a template
+    that does not insert the content verbatim) gets the whole prompt tokenized, as before.
+    Not thread-safe: the caller holds the tokenizer's lock.
+    """
+
+    PROBE = "Answer."  # the instruction of the one-off check of an item: its piece is tokenized whole anyway
+
+    def __init__(self, tokenizer: Any, max_items: int = 4096) -> None:
+        self.tokenizer = tokenizer
+        self.max_items = max_items
+        self._frame: _Frame | None | bool = False  # False: not built yet; None: the template cannot be spliced
+        self._items: OrderedDict[str, list[int] | None] = OrderedDict()
+
+    def ids(self, instruction: str, item: str) -> list[int] | None:
+        """The token ids of `chat_prompt(tokenizer, [user turn of user_content(instruction, item)])`, or None."""
+        frame = self.frame()
+        if frame is None or (frame.trims and (not instruction or instruction[-1].isspace())):  # the content's end
+            return None
+        if (item_ids := self._item_ids(frame, item)) is None:
+            return None
+        return [*frame.head_ids, *item_ids, *self._encode(INSTRUCTION_HEAD + instruction + frame.suffix)]
+
+    def frame(self) -> _Frame | None:
+        if self._frame is False:
+            self._frame = self._build_frame()
+        return self._frame  # type: ignore[return-value]
+
+    def _build_frame(self) -> _Frame | None:
+        if not getattr(self.tokenizer, "chat_template", None):
+            return None
+        render = lambda content: self.tokenizer.apply_chat_template(  # noqa: E731
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        sentinel = "MTA-CONTENT-7f3a"
+        rendered = render(sentinel)
+        if not isinstance(rendered, str) or rendered.count(sentinel) != 1:
+            return None
+        prefix, suffix = rendered.split(sentinel)
+        probe = " \n### A probe: {x}, 1 2\n "
+        trims = render(probe) != prefix + probe + suffix
+        if trims and render(probe.strip()) != prefix + probe.strip() + suffix:
+            return None  # the template changes the content in some other way
+        return _Frame(self._encode(prefix + HISTORY_HEAD), suffix, trims)
+
+    def _item_ids(self, frame: _Frame, item: str) -> list[int] | None:
+        if item in self._items:
+            self._items.move_to_end(item)
+            return self._items[item]
+        ids: list[int] | None = self._encode(item)
+        rest = self._encode(INSTRUCTION_HEAD + self.PROBE + frame.suffix)
+        whole = chat_prompt(self.tokenizer, [{"role": "user", "content": user_content(self.PROBE, item)}])
+        if whole != [*frame.head_ids, *ids, *rest]:
+            ids = None
+        self._items[item] = ids
+        if len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])

@@ -341,3 +341,59 @@ def test_a_profile_items_cut_is_truncate_tokens_remembered(tiny_model_dir):
             index.cut(i, counting, budget)
     assert len(calls) == first  # remembered
     assert index.longest == len(history[0])
+
+
+# --- prompt splicing: the same token ids as tokenizing the whole prompt ---------------------------
+
+_TEXT = st.text(alphabet=st.sampled_from(list("ab Z9:,.#\n\t-'é€ ")), max_size=40)
+_TRIMMING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizers(tiny_model_dir):
+    """The tiny model's tokenizer with its ChatML template, and with a template that trims the content (as Llama 3's)."""
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(tiny_model_dir)
+    trimming = AutoTokenizer.from_pretrained(tiny_model_dir)
+    trimming.chat_template = _TRIMMING_TEMPLATE
+    return plain, trimming
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(item=_TEXT, instruction=_TEXT, trimming=st.booleans())
+def test_a_spliced_prompt_is_the_whole_prompt_tokenized(tiny_tokenizers, item, instruction, trimming):
+    """Whatever the item's and the instruction's first and last characters, the splicer gives the
+    ids of tokenizing the whole prompt, or declines (and serving tokenizes the whole prompt)."""
+    from server.prompts import PromptSplicer, chat_prompt, user_content
+
+    tok = tiny_tokenizers[trimming]
+    splicer = PromptSplicer(tok)
+    whole = chat_prompt(tok, [{"role": "user", "content": user_content(instruction, item)}])
+    for _ in range(2):  # the item's check, then its remembered ids
+        spliced = splicer.ids(instruction, item)
+        assert spliced is None or spliced == whole
+
+
+def test_lamp_items_are_spliced_and_a_template_that_rewrites_content_is_not(tiny_tokenizers):
+    """On real profile items the splice applies (the point of it); a template that does not insert
+    the content verbatim is never spliced."""
+    from server.lamp_data import load_users
+    from server.prompts import PromptSplicer, chat_prompt, user_content
+    from server.tasks import TASKS
+
+    tok = tiny_tokenizers[0]
+    splicer = PromptSplicer(tok)
+    task = TASKS["movie_tagging"]
+    users = load_users(Path(__file__).resolve().parents[1] / "bank_artifacts" / "data" / "movie_tagging.json", task)
+    items = [task.render(i) for u in users[:10] for i in u.profile]
+    instruction = task.instruction(users[10].profile[0])
+    spliced = [splicer.ids(instruction, item) for item in items]
+    assert all(s == chat_prompt(tok, [{"role": "user", "content": user_content(instruction, i)}]) for s, i in zip(spliced, items))
+    assert sum(s is not None for s in spliced) >= 0.9 * len(items)
+
+    tok.chat_template = "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}"
+    assert PromptSplicer(tok).ids(instruction, items[0]) is None

@@ -868,6 +868,29 @@ async def test_sqlite_locked_database_is_unavailable(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_sqlite_reads_a_users_stamp_on_the_event_loop_but_never_waits_there(tmp_path: Path) -> None:
+    """Every request's one read skips the worker-thread hop when the connection is free; when it
+    is not, the read waits in a worker thread and the event loop goes on."""
+    store = SQLiteUserStore(tmp_path / "users.db")
+    try:
+        written = await store.put_profile("u", ITEMS, None, None)
+        expected = UserStamp(written.profile_version, written.updated_at, None)
+        ran: list[int] = []
+        asyncio.get_running_loop().call_soon(ran.append, 1)
+        assert await store.user_stamp("u", LORA) == expected
+        assert not ran  # answered without giving the loop a turn
+        store._lock.acquire()  # another caller holds the connection
+        try:
+            read = asyncio.create_task(store.user_stamp("u", LORA))
+            await asyncio.sleep(0.1)  # the loop runs meanwhile
+            assert not read.done()
+        finally:
+            store._lock.release()
+        assert await read == expected
+    finally:
+        await store.close()
+
+
 async def test_sqlite_unusable_path_is_unavailable(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("")
     with pytest.raises(StoreUnavailable):

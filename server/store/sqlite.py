@@ -3,6 +3,10 @@
 One connection guarded by a `threading.Lock`; every call runs in a worker thread
 (`asyncio.to_thread`) so the event loop never blocks on disk, and the lock makes
 concurrent async callers safe. Multi-row changes run in `BEGIN IMMEDIATE` transactions.
+The exception is `user_stamp`, every request's one read: a point query on the primary key
+(tens of microseconds from the page cache; a WAL reader waits for no writer), which runs on
+the event loop when the connection is free, because the hop to a worker thread and back
+costs more than the query.
 
 The job queue is a table; `dequeue_job` polls it every `_POLL_INTERVAL` seconds with
 `asyncio.sleep` in between (SQLite has no blocking pop), taking the write lock only
@@ -262,7 +266,7 @@ class SQLiteUserStore:
                 return None
             return UserStamp(row[0], row[1], None if row[2] is None else (row[2], row[3]))
 
-        return await self._run(read)
+        return await self._run(read, inline=True)
 
     async def delete_blob(self, user_id: str, name: str) -> bool:
         check_user_id(user_id)
@@ -451,11 +455,22 @@ class SQLiteUserStore:
                 await self._run(lambda conn: _requeue_job_first(conn, job_id), transaction=True)
             raise
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, transaction: bool = False) -> T:
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, transaction: bool = False, inline: bool = False) -> T:
+        """`fn(connection)` in a worker thread; with `inline` (a point read), on the event loop
+        if the connection is free at once, never waiting for it there."""
+        if inline and self._lock.acquire(blocking=False):
+            try:
+                return self._locked_call(fn, transaction)
+            finally:
+                self._lock.release()
         return await asyncio.to_thread(self._call, fn, transaction)
 
     def _call(self, fn: Callable[[sqlite3.Connection], T], transaction: bool) -> T:
-        with self._lock, self._errors():
+        with self._lock:
+            return self._locked_call(fn, transaction)
+
+    def _locked_call(self, fn: Callable[[sqlite3.Connection], T], transaction: bool) -> T:
+        with self._errors():
             if self._conn is None:
                 raise StoreError(f"{self!r} is closed")
             if not transaction:
