@@ -627,13 +627,18 @@ def test_fused_lora_linear_follows_weight_and_metadata_updates(fused_calls):
         if update is not None:
             update()
         update_wrapper(wrapper, ids)
-        x = torch.randn(len(ids), KERNEL_IN, generator=g).bfloat16()
-        y0 = torch.randn(len(ids), sum(outs), generator=g).bfloat16()
-        ours_y = layer_output(wrapper, x, a, b, outs, y0)
-        with vllm_stock(wrapper):
-            stock_y = layer_output(wrapper, x, a, b, outs, y0)
-        assert rel_err(ours_y.float(), stock_y.float()) <= 2**-7, ids
+        assert_layer_follows_vllm(wrapper, a, b, outs, len(ids), g)
     assert len(fused_calls) == len(steps)
+
+
+def assert_layer_follows_vllm(wrapper, a, b, outs: tuple[int, ...], n_tokens: int, g: torch.Generator) -> None:
+    """Our layer output for the wrapper's current step is vLLM's, for random inputs."""
+    x = torch.randn(n_tokens, KERNEL_IN, generator=g).bfloat16()
+    y0 = torch.randn(n_tokens, sum(outs), generator=g).bfloat16()
+    ours_y = layer_output(wrapper, x, a, b, outs, y0)
+    with vllm_stock(wrapper):
+        stock_y = layer_output(wrapper, x, a, b, outs, y0)
+    assert rel_err(ours_y.float(), stock_y.float()) <= 2**-7
 
 
 def test_the_kernel_splits_tokens_over_torchs_threads_with_the_same_bits(fused_calls):
@@ -675,12 +680,7 @@ def test_loading_one_adapter_repacks_only_its_slot(fused_calls):
     def step(slot_ids: list[int], token_ids: list[int]) -> int:
         before = kernel.packed.slots_packed
         wrapper.update_metadata(LoRAMapping(token_ids, token_ids, is_prefill=True), slot_ids, len(slot_ids), 100)
-        x = torch.randn(len(token_ids), KERNEL_IN, generator=g).bfloat16()
-        y0 = torch.randn(len(token_ids), sum(outs), generator=g).bfloat16()
-        ours_y = layer_output(wrapper, x, a, b, outs, y0)
-        with vllm_stock(wrapper):
-            stock_y = layer_output(wrapper, x, a, b, outs, y0)
-        assert rel_err(ours_y.float(), stock_y.float()) <= 2**-7, token_ids
+        assert_layer_follows_vllm(wrapper, a, b, outs, len(token_ids), g)
         return kernel.packed.slots_packed - before
 
     assert step([11, 12, 13, 14], [11, 12, 13, 14, 11]) == 4  # first use: every slot
