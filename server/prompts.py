@@ -19,6 +19,7 @@ import string
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -168,6 +169,7 @@ class _Frame:
     head_ids: list[int]  # tokens of prefix + HISTORY_HEAD: every spliced prompt starts with them
     suffix: str
     trims: bool  # the template strips the content's surrounding whitespace
+    probe_tail_ids: list[int]  # tokens of INSTRUCTION_HEAD + PromptSplicer.PROBE + suffix, for checking items
 
 
 class PromptSplicer:
@@ -189,24 +191,20 @@ class PromptSplicer:
     def __init__(self, tokenizer: Any, max_items: int = 4096) -> None:
         self.tokenizer = tokenizer
         self.max_items = max_items
-        self._frame: _Frame | None | bool = False  # False: not built yet; None: the template cannot be spliced
         self._items: OrderedDict[str, list[int] | None] = OrderedDict()
 
     def ids(self, instruction: str, item: str) -> list[int] | None:
         """The token ids of `chat_prompt(tokenizer, [user turn of user_content(instruction, item)])`, or None."""
-        frame = self.frame()
+        frame = self.frame
         if frame is None or (frame.trims and (not instruction or instruction[-1].isspace())):  # the content's end
             return None
         if (item_ids := self._item_ids(frame, item)) is None:
             return None
         return [*frame.head_ids, *item_ids, *self._encode(INSTRUCTION_HEAD + instruction + frame.suffix)]
 
+    @cached_property
     def frame(self) -> _Frame | None:
-        if self._frame is False:
-            self._frame = self._build_frame()
-        return self._frame  # type: ignore[return-value]
-
-    def _build_frame(self) -> _Frame | None:
+        """None: the template cannot be spliced."""
         if not getattr(self.tokenizer, "chat_template", None):
             return None
         render = lambda content: self.tokenizer.apply_chat_template(  # noqa: E731
@@ -221,16 +219,15 @@ class PromptSplicer:
         trims = render(probe) != prefix + probe + suffix
         if trims and render(probe.strip()) != prefix + probe.strip() + suffix:
             return None  # the template changes the content in some other way
-        return _Frame(self._encode(prefix + HISTORY_HEAD), suffix, trims)
+        return _Frame(self._encode(prefix + HISTORY_HEAD), suffix, trims, self._encode(INSTRUCTION_HEAD + self.PROBE + suffix))
 
     def _item_ids(self, frame: _Frame, item: str) -> list[int] | None:
         if item in self._items:
             self._items.move_to_end(item)
             return self._items[item]
         ids: list[int] | None = self._encode(item)
-        rest = self._encode(INSTRUCTION_HEAD + self.PROBE + frame.suffix)
         whole = chat_prompt(self.tokenizer, [{"role": "user", "content": user_content(self.PROBE, item)}])
-        if whole != [*frame.head_ids, *ids, *rest]:
+        if whole != [*frame.head_ids, *ids, *frame.probe_tail_ids]:
             ids = None
         self._items[item] = ids
         if len(self._items) > self.max_items:

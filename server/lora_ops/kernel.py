@@ -304,15 +304,17 @@ class PackedWeights:
         return entry.layer
 
     def _pack(self, layer: PackedLayer, lora_a: tuple[Tensor, ...], lora_b: tuple[Tensor, ...], slots: Tensor) -> None:
-        pick = lambda tensors, chosen: tuple(t.index_select(0, chosen) for t in tensors)
-        ranks = slot_ranks(pick(lora_a, slots), pick(lora_b, slots))
+        a = tuple(t.index_select(0, slots) for t in lora_a)  # the slots' weights, copied once
+        b = tuple(t.index_select(0, slots) for t in lora_b)
+        ranks = slot_ranks(a, b)
         layer.ranks[slots] = ranks
         layout = ranks + ranks % 2
         for k in layout.unique().tolist():
             if k:
-                chosen = slots[layout == k]
-                rows = pack_slots(pick(lora_a, chosen), pick(lora_b, chosen), k)
-                layer.block[chosen, : rows.shape[1]] = rows
+                same = layout == k  # usually every slot: then no second copy
+                pick = (lambda ts: ts) if bool(same.all()) else (lambda ts: tuple(t[same] for t in ts))  # noqa: B023
+                rows = pack_slots(pick(a), pick(b), k)
+                layer.block[slots[same], : rows.shape[1]] = rows
         self.slots_packed += len(slots)
 
     def _create(
