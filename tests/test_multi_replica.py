@@ -340,6 +340,14 @@ def test_a_bank_rollout_to_every_replica_under_load_fails_no_request(cluster):
             assert r.status_code == 200 and r.json()["bank_version"] == new, r.text
             reloaded[name] = (asked, time.monotonic())
             time.sleep(2)
+        # Traffic goes on until every replica has answered twice on the new bank (a loaded machine
+        # may take longer than the pause above for that), bounded.
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and not all(
+            sum(r.get("served_by") == name and r.get("bank_version") == new for r in list(traffic.records)) >= 2
+            for name in REPLICAS
+        ):
+            time.sleep(0.5)
     assert not traffic.failed(), traffic.failed()[:5]
     seen: Counter = Counter()
     for record in traffic.records:
