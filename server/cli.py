@@ -9,6 +9,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.bank.build import BuildConfig
 
 
 def _settings(**overrides):
@@ -91,52 +95,60 @@ def _offline_setup(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def cmd_bank_build(args: argparse.Namespace) -> None:
+def bank_build_config(args: argparse.Namespace) -> BuildConfig:
+    """The `BuildConfig` that `mta bank build`'s arguments ask for (ValueError when they are bad)."""
     import dataclasses
 
-    from server.bank.build import BuildConfig, build_bank
-    from server.lamp_data import DataError
+    from server.bank.build import BuildConfig
     from server.bank.manifest import FusionDefaults
-    from server.defaults import resolve_model
     from server.embedding import DEFAULT_EMBEDDING_MODEL
     from server.tasks import make_task
     from server.training import TrainConfig
 
+    task = make_task(args.task, args.history_template, args.prompt_template, args.answer_field)
+    train = TrainConfig(
+        rank=args.rank,
+        alpha=args.alpha or 2 * args.rank,
+        target_modules=tuple(args.targets or ()),
+        learning_rate=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        max_length=args.max_length,
+        bf16_autocast=args.bf16_autocast,
+    )
+    return BuildConfig(
+        task=task,
+        n_anchors=args.anchors,
+        train=train,
+        meta_data=args.meta_data,
+        holdout_fraction=args.holdout_fraction,
+        kmeans_seed=args.seed,
+        dtype=args.dtype,
+        embedding_model=args.embedding_model or DEFAULT_EMBEDDING_MODEL,
+        fusion=FusionDefaults(mode=args.fusion_mode, top_k=args.top_k, residual_scale=args.residual_scale),
+        name=args.name,
+        init=args.init,
+        task_train=dataclasses.replace(
+            train, rank=args.task_rank, alpha=2 * args.task_rank, epochs=args.task_epochs or args.epochs
+        ),
+        validation_items=args.validation_items,
+        patience=args.patience,
+        select_fusion=args.select_fusion,
+        refit=args.refit,
+        stacking_lrs=tuple(args.stacking_lrs or ()),
+        stacking_users=args.stacking_users,
+    )
+
+
+def cmd_bank_build(args: argparse.Namespace) -> None:
+    from server.bank.build import build_bank
+    from server.defaults import resolve_model
+    from server.lamp_data import DataError
+
     _offline_setup(args.threads)
     try:
-        task = make_task(args.task, args.history_template, args.prompt_template, args.answer_field)
-        train = TrainConfig(
-            rank=args.rank,
-            alpha=args.alpha or 2 * args.rank,
-            target_modules=tuple(args.targets or ()),
-            learning_rate=args.lr,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            max_length=args.max_length,
-            bf16_autocast=args.bf16_autocast,
-        )
-        config = BuildConfig(
-            task=task,
-            n_anchors=args.anchors,
-            train=train,
-            meta_data=args.meta_data,
-            holdout_fraction=args.holdout_fraction,
-            kmeans_seed=args.seed,
-            dtype=args.dtype,
-            embedding_model=args.embedding_model or DEFAULT_EMBEDDING_MODEL,
-            fusion=FusionDefaults(mode=args.fusion_mode, top_k=args.top_k, residual_scale=args.residual_scale),
-            name=args.name,
-            init=args.init,
-            task_train=dataclasses.replace(
-                train, rank=args.task_rank, alpha=2 * args.task_rank, epochs=args.task_epochs or args.epochs
-            ),
-            validation_items=args.validation_items,
-            patience=args.patience,
-            select_fusion=args.select_fusion,
-            refit=args.refit,
-            stacking_lrs=tuple(args.stacking_lrs or ()),
-        )
+        config = bank_build_config(args)
     except ValueError as e:
         sys.exit(f"mta bank build: {e}")
     path, model_id = resolve_model(_settings(model_path=args.model))
@@ -345,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--stacking-lrs", type=float_list, metavar="LR,LR,...",
                        help="choose the stacked LoRA's learning rate among these on the anchor pool's validation "
                        "items (before --refit) and record it as the bank's fine-tune default (needs --validation-items)")
+    build.add_argument("--stacking-users", type=int, default=0, metavar="N",
+                       help="--stacking-lrs: choose on the first N anchor-pool users only (default 0: all); each "
+                       "costs one training per learning rate")
     build.add_argument("--no-select-fusion", dest="select_fusion", action="store_false",
                        help="keep --fusion-mode/--top-k/--residual-scale instead of choosing them on the validation items")
     build.add_argument("--name", help="bank name (default: the task)")

@@ -426,13 +426,14 @@ def test_the_shared_lora_alone_is_one_adapter_for_every_user(built_task, tiny_mo
 
 
 STACKING_LRS = (1e-3, 3e-2)
+STACKING_USERS = 2  # of the anchor pool: the first two
 
 
 @pytest.fixture(scope="module")
 def built_refit(built_task, lamp_file, tiny_model_dir, embedder):
     """The same build with `refit`, in the same work directory (what it reuses is part of the contract)."""
     _, root = built_task
-    config = dataclasses.replace(TASK_CONFIG, refit=True, stacking_lrs=STACKING_LRS)
+    config = dataclasses.replace(TASK_CONFIG, refit=True, stacking_lrs=STACKING_LRS, stacking_users=STACKING_USERS)
     report = build_bank(
         lamp_file, root / "refit-bank", config, model_dir=tiny_model_dir, work_dir=root / "work", keep_work=True,
         embedder=embedder, progress=False,
@@ -463,7 +464,7 @@ def test_a_refit_retrains_every_lora_on_all_items_for_its_chosen_epochs(built_ta
     # `mta eval --folds 2` builds its second bank with the same recipe
     config = build_config_from_manifest(json.loads((refit.path / "manifest.json").read_text()), refit.path,
                                         holdout_fraction=0.0)  # fmt: skip
-    assert config.refit is True and config.stacking_lrs == STACKING_LRS
+    assert config.refit is True and config.stacking_lrs == STACKING_LRS and config.stacking_users == STACKING_USERS
     legacy = json.loads((validated.path / "manifest.json").read_text())
     assert build_config_from_manifest(legacy, validated.path, holdout_fraction=0.0).refit is False
 
@@ -478,7 +479,11 @@ def test_the_stacking_recipe_is_chosen_on_the_anchor_pool_before_the_refit(built
     m = refit.manifest
     selection = m.extra["stacking_selection"]
     pool = {str(u) for u in m.extra["split"]["anchor_pool"]}
-    assert selection["users"] > 0 and set(selection["user_ids"]) <= pool  # never a held-out user
+    assert set(selection["user_ids"]) <= pool  # never a held-out user
+    # `stacking_users`: the first N anchor-pool users (of a larger pool)
+    assert len(pool) > STACKING_USERS and selection["max_users"] == STACKING_USERS
+    first = [str(u) for u in m.extra["split"]["anchor_pool"][:STACKING_USERS]]
+    assert selection["users"] > 0 and set(selection["user_ids"]) <= set(first)  # those with validation items
     assert selection["learning_rates"] == list(STACKING_LRS) and selection["few_shot"] == FEW_SHOT
     names = [row["candidate"] for row in selection["table"]]
     assert names == ["fused adapter alone", *(f"lr {lr:g}" for lr in STACKING_LRS), "oppu (rank 8 over the shared task LoRA)"]
@@ -503,6 +508,9 @@ def test_the_stacking_recipe_is_chosen_on_the_anchor_pool_before_the_refit(built
     assert f"rank {default.rank}, lr {best}, {default.epochs} epochs" in text
     (row,) = [ln for ln in text.splitlines() if ln.strip().startswith("lr ") and ln.endswith("<- chosen")]
     assert row.split()[:2] == ["lr", f"{best:g}"]
+    assert f"{selection['users']} (of the first {STACKING_USERS} anchor-pool users)" in text
+    mta(["bank", "show", str(validated.path)])  # built without --stacking-lrs: the server's defaults
+    assert "none recorded: the server's MTA_FINETUNE_* defaults" in capsys.readouterr().out
 
 
 def test_stacking_learning_rates_need_validation_items():
@@ -510,6 +518,8 @@ def test_stacking_learning_rates_need_validation_items():
         dataclasses.replace(TASK_CONFIG, stacking_lrs=(1e-3,), validation_items=0)
     with pytest.raises(BankBuildError, match=r"\(0, 1\]"):
         dataclasses.replace(TASK_CONFIG, stacking_lrs=(0.0,))
+    with pytest.raises(BankBuildError, match="stacking users"):
+        dataclasses.replace(TASK_CONFIG, stacking_lrs=(1e-3,), stacking_users=-1)
 
 
 def test_a_refit_needs_validation_items():

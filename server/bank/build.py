@@ -205,6 +205,8 @@ class BuildConfig:
     # Choose the stacked LoRA's learning rate among these on the anchor pool, before any refit
     # (`server.bank.stacking_choice`), and record it as the bank's stacking defaults; () = none.
     stacking_lrs: tuple[float, ...] = ()
+    # ... on the first N anchor-pool users only (0 = all): each costs a training per learning rate
+    stacking_users: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stacking_lrs", tuple(float(lr) for lr in self.stacking_lrs))
@@ -223,6 +225,8 @@ class BuildConfig:
                 f"stacking learning rates must be in (0, 1] and need validation items, got {list(self.stacking_lrs)}"
                 f" with {self.validation_items} validation items"
             )
+        if self.stacking_users < 0:
+            raise BankBuildError(f"stacking users must be >= 0 (0 = every anchor-pool user), got {self.stacking_users}")
         if self.dtype not in ("bf16", "fp32"):
             raise BankBuildError(f"dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
         if self.n_anchors < 1:
@@ -423,7 +427,8 @@ def _choose_stacking(
     from server.stacking import stack_config
 
     base = stack_config(Settings.model_construct()).with_targets(ModelTargets.of_module(trainer.model))
-    users = [(splits[u.user_id][0], splits[u.user_id][1], cluster_of[u.user_id]) for u in pool]
+    chosen_from = pool[: config.stacking_users] if config.stacking_users else pool
+    users = [(splits[u.user_id][0], splits[u.user_id][1], cluster_of[u.user_id]) for u in chosen_from]
     return trainer.cached(
         "stacking_selection",
         {
@@ -431,14 +436,17 @@ def _choose_stacking(
             "shared": shared_record["fingerprint"] if shared_record else None,
             "users": [(u.user_id, u.profile, items, own) for u, items, own in users],
             "fusion": fusion.model_dump(), "base": dataclasses.asdict(base), "lrs": config.stacking_lrs,
-            "few_shot": FEW_SHOT,
+            "few_shot": FEW_SHOT, "max_users": config.stacking_users or None,
         },
-        lambda: choose_stacking(
-            embedder, trainer.model, trainer.tokenizer, config.task, users=users,
-            anchors={c.id: (c.embedding, load_adapter(trainer.work / "loras" / c.id)) for c in clusters},
-            shared=shared if config.init == "task" else None, fusion=fusion, base=base,
-            learning_rates=config.stacking_lrs, progress=trainer.progress,
-        ),
+        lambda: {
+            **choose_stacking(
+                embedder, trainer.model, trainer.tokenizer, config.task, users=users,
+                anchors={c.id: (c.embedding, load_adapter(trainer.work / "loras" / c.id)) for c in clusters},
+                shared=shared if config.init == "task" else None, fusion=fusion, base=base,
+                learning_rates=config.stacking_lrs, progress=trainer.progress,
+            ),
+            "max_users": config.stacking_users or None,  # `mta eval --folds 2` rebuilds with it
+        },
     )  # fmt: skip
 
 
@@ -620,6 +628,7 @@ def _manifest(
         "max_fused_rank": config.max_fused_rank,
         "refit": config.refit,
         **({"stacking_lrs": list(config.stacking_lrs)} if config.stacking_lrs else {}),
+        **({"stacking_users": config.stacking_users} if config.stacking_users else {}),
     }
     data_info = {"file": data.name, "sha256": sha256_file(data), "users": len(users)}
     # the served defaults too: a rule that chooses them differently serves another bank

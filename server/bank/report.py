@@ -400,8 +400,11 @@ def _stacking_lines(info: Mapping[str, Any]) -> list[str]:
     if not chosen:
         return lines + ["  none recorded: the server's MTA_FINETUNE_* defaults (mta bank build --stacking-lrs chooses one)"]
     text = f"rank {chosen.get('rank')}, lr {chosen.get('learning_rate')}, {chosen.get('epochs')} epochs"
+    users = _str(selection.get("users"))
+    if selection.get("max_users"):
+        users += f" (of the first {selection['max_users']} anchor-pool users)"
     lines += _fields(
-        [("chosen", text), ("rule", _str(selection.get("rule"))), ("users", _str(selection.get("users"))),
+        [("chosen", text), ("rule", _str(selection.get("rule"))), ("users", users),
          ("criterion", _str(selection.get("criterion")))],
         indent="  ",
     )  # fmt: skip

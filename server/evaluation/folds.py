@@ -86,6 +86,7 @@ def build_config_from_manifest(manifest: dict[str, Any], bank: Path | str, *, ho
         answer_field=get("extra.training.answer_field"),
     )
     init = get("extra.training.init")
+    stacking = get("extra").get("stacking_selection") or {}
     return BuildConfig(
         task=task,
         n_anchors=get("extra.clustering.k"),
@@ -105,7 +106,8 @@ def build_config_from_manifest(manifest: dict[str, Any], bank: Path | str, *, ho
         select_fusion=get("extra.fusion_selection.enabled"),
         max_fused_rank=get("extra.fusion_selection.max_fused_rank"),
         refit=bool(get("extra.training").get("refit")),  # banks from before `refit` record none: not refit
-        stacking_lrs=tuple((get("extra").get("stacking_selection") or {}).get("learning_rates", ())),
+        stacking_lrs=tuple(stacking.get("learning_rates", ())),
+        stacking_users=stacking.get("max_users") or 0,
     )
 
 
