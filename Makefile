@@ -40,7 +40,8 @@ bank: model
 	$(BIN)/mta bank build --task movie_tagging --data bank_artifacts/data/movie_tagging.json \
 		--out bank_artifacts/demo --name lamp2m-demo --anchors 8 --rank 4 --dtype bf16 \
 		--meta-data cluster --holdout-fraction 0.5 --seed 0 \
-		--init task --task-rank 8 --task-epochs 3 --epochs 4 --validation-items 2 --patience 1 --refit
+		--init task --task-rank 8 --task-epochs 3 --epochs 4 --validation-items 2 --patience 1 --refit \
+		--stacking-lrs 2e-4,5e-4,1e-3 --stacking-users 12
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

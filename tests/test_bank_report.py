@@ -118,24 +118,37 @@ def test_show_the_demo_bank_prints_the_recipe_anchors_curves_and_fusion_choice(c
         assert len(epoch_means(record, extra["training"]["config"])) == len(record["validation_losses"]) - 1
 
     # the fusion defaults and how they were chosen: every grid row, the chosen one marked
+    text, stacked = text.split("Stacked LoRA (fine-tune defaults)")
     chosen = extra["fusion_selection"]["chosen"]
     # the pool's losses favour no residual candidate beyond its noise: the shared LoRA alone is served
     assert (m.fusion.mode, m.fusion.top_k, m.fusion.residual_scale) == ("linear", 2, 0.0) == tuple(chosen.values())
     assert line_of(text, "served").split(None, 1)[1] == "linear, top-2, residual scale 0.0"
     assert "chosen on the anchor pool's validation items" in line_of(text, "how")
     assert line_of(text, "rule").split(None, 1)[1] == extra["fusion_selection"]["rule"]
-    (chosen_row,) = [ln for ln in text.splitlines() if ln.endswith("<- chosen")]
-    assert chosen_row.split()[:6] == ["linear", "2", "0.00", "0.7786", "8", "-"]
-    best = min(extra["fusion_selection"]["grid"], key=lambda g: g["validation_loss"])
-    assert (best["residual_scale"], best["validation_loss"]) == (0.5, 0.7567) and best["vs_shared"][2] > 0
-    assert "-0.0219 [-0.0559, +0.0088]" in line_of(text, "linear      2            0.50")
     grid = extra["fusion_selection"]["grid"]
+    (alone,) = [g for g in grid if (g["mode"], g["top_k"], g["residual_scale"]) == ("linear", 2, 0.0)]
+    (chosen_row,) = [ln for ln in text.splitlines() if ln.endswith("<- chosen")]
+    assert chosen_row.split()[:6] == ["linear", "2", "0.00", f"{alone['validation_loss']:.4f}", str(alone["served_rank"]), "-"]
+    # a residual candidate has the lowest mean, but within the pool's noise: the rule passes it over
+    best = min(grid, key=lambda g: g["validation_loss"])
+    assert best["residual_scale"] > 0 and best["validation_loss"] < alone["validation_loss"] and best["vs_shared"][2] > 0
     rows = [ln for ln in text.splitlines() if ln.startswith("    ") and ln.split()[0] in ("linear", "cat")]
+    mid, lo, hi = best["vs_shared"]
+    assert [r.split()[:4] for r in rows if f"{mid:+.4f} [{lo:+.4f}, {hi:+.4f}]" in r] == [
+        [best["mode"], str(best["top_k"]), f"{best['residual_scale']:.2f}", f"{best['validation_loss']:.4f}"]
+    ]
     assert len(rows) == len(grid)
     assert sum("not eligible" in r for r in rows) == sum(g["served_rank"] > 14 for g in grid) == 3
     assert "2 history items, held out of every training (36 users, 72 items)" in line_of(text, "items")
-    assert "none recorded: the server's MTA_FINETUNE_* defaults" in text  # built before --stacking-lrs
-    assert "not recorded" not in text
+    # the stacked LoRA's recipe, chosen on the first 12 anchor-pool users (`make bank`'s --stacking-users 12)
+    stacking = extra["stacking_selection"]
+    assert m.stacking is not None and m.stacking.model_dump() == stacking["chosen"]
+    assert stacking["max_users"] == 12 and 0 < stacking["users"] <= 12
+    assert stacking["user_ids"] == [str(u) for u in extra["split"]["anchor_pool"][:12]][: stacking["users"]]
+    s = stacking["chosen"]
+    assert line_of(stacked, "chosen").split(None, 1)[1] == f"rank {s['rank']}, lr {s['learning_rate']}, {s['epochs']} epochs"
+    assert line_of(stacked, "users").split(None, 1)[1] == f"{stacking['users']} (of the first 12 anchor-pool users)"
+    assert "not recorded" not in text + stacked
 
 
 def test_show_json_round_trips_the_manifest_facts(capsys):
@@ -358,3 +371,33 @@ def test_bank_build_report_is_written_beside_the_bank(tmp_path, tiny_model_dir, 
     text = show(capsys, out)
     assert "anchors (2)" in text and "<- chosen" in text and "6 anchor pool / 2 held out" in text
     assert "*" in curve_of(text, "shared task LoRA") and "not recorded" not in text
+
+
+def test_make_bank_asks_for_the_recipe_the_shipped_demo_bank_records():
+    """`make bank` reproduces the shipped bank: its command asks for exactly the settings the
+    bank's manifest records (those `mta eval --folds 2` rebuilds fold 2's bank with)."""
+    import dataclasses
+    import re
+    import shlex
+
+    from server.cli import bank_build_config, build_parser
+    from server.evaluation.folds import build_config_from_manifest
+
+    (recipe,) = re.findall(r"^bank:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M)
+    argv = shlex.split(recipe.replace("\\\n", " ").replace("$(BIN)/", ""))
+    assert argv[:3] == ["mta", "bank", "build"]
+    args = build_parser().parse_args(argv[1:])
+    assert (args.out, args.data) == (Path("bank_artifacts/demo"), Path("bank_artifacts/data/movie_tagging.json"))
+    asked = bank_build_config(args)
+    recorded = build_config_from_manifest(
+        json.loads((DEMO / "manifest.json").read_text()), DEMO, holdout_fraction=args.holdout_fraction
+    )
+    # the build names the default targets as the model has them (`TrainConfig.with_targets`)
+    targets = recorded.train.target_modules
+    asked = dataclasses.replace(
+        asked,
+        train=dataclasses.replace(asked.train, target_modules=targets),
+        task_train=dataclasses.replace(asked.task_train, target_modules=targets),
+    )
+    assert asked == recorded
+    assert recorded.stacking_lrs and recorded.refit and recorded.init == "task"
