@@ -427,8 +427,7 @@ def _choose_stacking(
     from server.stacking import stack_config
 
     base = stack_config(Settings.model_construct()).with_targets(ModelTargets.of_module(trainer.model))
-    chosen_from = pool[: config.stacking_users] if config.stacking_users else pool
-    users = [(splits[u.user_id][0], splits[u.user_id][1], cluster_of[u.user_id]) for u in chosen_from]
+    users = [(splits[u.user_id][0], splits[u.user_id][1], cluster_of[u.user_id]) for u in pool]
     return trainer.cached(
         "stacking_selection",
         {
@@ -438,15 +437,12 @@ def _choose_stacking(
             "fusion": fusion.model_dump(), "base": dataclasses.asdict(base), "lrs": config.stacking_lrs,
             "few_shot": FEW_SHOT, "max_users": config.stacking_users or None,
         },
-        lambda: {
-            **choose_stacking(
-                embedder, trainer.model, trainer.tokenizer, config.task, users=users,
-                anchors={c.id: (c.embedding, load_adapter(trainer.work / "loras" / c.id)) for c in clusters},
-                shared=shared if config.init == "task" else None, fusion=fusion, base=base,
-                learning_rates=config.stacking_lrs, progress=trainer.progress,
-            ),
-            "max_users": config.stacking_users or None,  # `mta eval --folds 2` rebuilds with it
-        },
+        lambda: choose_stacking(
+            embedder, trainer.model, trainer.tokenizer, config.task, users=users,
+            anchors={c.id: (c.embedding, load_adapter(trainer.work / "loras" / c.id)) for c in clusters},
+            shared=shared if config.init == "task" else None, fusion=fusion, base=base,
+            learning_rates=config.stacking_lrs, max_users=config.stacking_users, progress=trainer.progress,
+        ),
     )  # fmt: skip
 
 

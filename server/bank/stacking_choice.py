@@ -44,13 +44,15 @@ def choose_stacking(
     fusion: FusionDefaults,
     base: TrainConfig,
     learning_rates: Sequence[float],
+    max_users: int = 0,
     few_shot: int = FEW_SHOT,
     progress: bool = True,
 ) -> dict[str, Any]:
     """The manifest's `extra.stacking_selection` record; its `chosen` is a `StackingDefaults`.
 
     `users`: (the user with its training items, its validation items, its cluster's anchor id);
-    `base`: the recipe whose learning rate is chosen (rank, epochs, batch size, targets).
+    `base`: the recipe whose learning rate is chosen (rank, epochs, batch size, targets);
+    `max_users`: only the first N of `users` (0 = all), each costing a training per learning rate.
     """
     from tqdm.auto import tqdm
 
@@ -61,7 +63,8 @@ def choose_stacking(
         names.append("oppu (rank 8 over the shared task LoRA)")
     losses: list[list[float]] = []
     user_ids = []
-    for user, val_items, own in tqdm(users, desc="stacking recipe", unit="user", disable=not progress):
+    chosen_from = users[:max_users] if max_users else users
+    for user, val_items, own in tqdm(chosen_from, desc="stacking recipe", unit="user", disable=not progress):
         few = User(user.user_id, user.profile[:few_shot])
         validation = heldout_examples(few, tuple(val_items), task)
         examples = leave_one_out_examples(few, task)
@@ -103,4 +106,5 @@ def choose_stacking(
         "user_losses": [[round(float(v), 5) for v in row] for row in table],
         "table": rows,
         "chosen": chosen.model_dump(),
+        "max_users": max_users or None,  # `mta eval --folds 2` rebuilds with it
     }
